@@ -1,0 +1,28 @@
+"""Domain errors. Every error a user may see carries a short message written for that user."""
+
+
+class HnaasError(Exception):
+    """Base class for errors with a user-facing message.
+
+    `user_message` is what a member of the channel reads; `str(error)` may carry more detail for logs.
+    """
+
+    def __init__(self, user_message: str, detail: str | None = None) -> None:
+        super().__init__(detail or user_message)
+        self.user_message = user_message
+
+
+class LinkError(HnaasError):
+    """A link could not be used (bad scheme, private address, too large...)."""
+
+
+class QueueFull(HnaasError):
+    """The requester or the whole queue is at its cap."""
+
+
+class JobNotFound(HnaasError):
+    """No job with that id (or not one the caller may touch)."""
+
+
+class ModelNotInstalled(HnaasError):
+    """No checkpoint at the configured model path."""
