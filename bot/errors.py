@@ -26,3 +26,14 @@ class JobNotFound(HnaasError):
 
 class ModelNotInstalled(HnaasError):
     """No checkpoint at the configured model path."""
+
+
+class PostError(HnaasError):
+    """A platform refused or failed a post.
+
+    ``permanent`` errors (missing permission, deleted channel, 403/404) fail the job; others may be retried.
+    """
+
+    def __init__(self, user_message: str, detail: str | None = None, *, permanent: bool = False) -> None:
+        super().__init__(user_message, detail)
+        self.permanent = permanent
