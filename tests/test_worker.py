@@ -1,0 +1,369 @@
+"""The worker against a fake engine (scripted outputs) and a real temporary queue file, arq-style: run in burst mode
+and assert on counters and on what the queue holds."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+
+import pytest
+
+from bot.queue import GAVE_UP, JobStatus, NewJob, Queue
+from bot.settings import Settings
+from bot.worker import NO_USABLE_OUTPUT, Worker, next_seed
+from model.engine import GenerationRequest, GenerationResult
+from model.format import prompt
+from model.tree import Thread
+
+GOOD = "Neat. How big is the GC?<|c|>About 200 lines.<|ec|><|ec|><|c|>Reminds me of SICP.<|ec|>"
+EMPTY = "<|ec|>"  # the opened comment closed with no text: nothing usable
+SETTINGS = Settings(batch_size=4, token_budget=100_000, max_new_tokens=100, generation_retries=2, max_attempts=3,
+                    lease_seconds=60.0, worker_poll_seconds=30.0)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class FakeEngine:
+    """Answers each call with the next scripted step: a text (or a function of the request), or an exception."""
+
+    def __init__(self, *script, default=GOOD) -> None:
+        self.script = list(script)
+        self.default = default
+        self.calls: list[list[GenerationRequest]] = []
+
+    async def generate(self, requests, on_text=None) -> list[GenerationResult]:
+        self.calls.append(list(requests))
+        await asyncio.sleep(0)
+        step = self.script.pop(0) if self.script else self.default
+        if isinstance(step, BaseException):
+            raise step
+        texts = [step(r) if callable(step) else step for r in requests]
+        return [GenerationResult(text=t, prompt_tokens=len(r.prompt) // 4, new_tokens=len(t) // 4, finished=True)
+                for r, t in zip(requests, texts, strict=True)]
+
+    @property
+    def seeds(self) -> list[int]:
+        return [r.seed for call in self.calls for r in call]
+
+
+class HangingEngine:
+    """Never returns (a stuck GPU, a worker about to crash)."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.cancelled = False
+
+    async def generate(self, requests, on_text=None):
+        self.started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled = True
+            raise
+
+
+class Publisher:
+    """The lead's publisher, faked: records the thread and marks the job done."""
+
+    def __init__(self, queue: Queue, fail_for: set[int] = frozenset()) -> None:
+        self.queue = queue
+        self.fail_for = fail_for
+        self.published: list[tuple[int, Thread]] = []
+        self.event = asyncio.Event()
+
+    async def __call__(self, job, thread: Thread) -> None:
+        if job.id in self.fail_for:
+            raise RuntimeError("platform said no")
+        self.published.append((job.id, thread))
+        await self.queue.mark_done(job.id)
+        self.event.set()
+
+
+def new_job(title: str = "Show HN: A tiny Lisp", requester: str = "u1", **changes) -> NewJob:
+    values = dict(platform="console", channel_id="c1", requester_id=requester, input=title, seed=7,
+                  temperature=0.8, top_p=0.9, top_k=40, max_new_tokens=100, max_attempts=3, title=title,
+                  url="https://example.com/lisp")
+    values.update(changes)
+    return NewJob(**values)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+async def queue(tmp_path, clock):
+    q = await Queue.open(tmp_path / "queue.sqlite3", clock=clock, max_queued_per_requester=100)
+    yield q
+    await q.close()
+
+
+async def test_burst_generates_and_publishes(queue):
+    jobs = [await queue.enqueue(new_job(f"Title {i}")) for i in range(3)]
+    engine, publish = FakeEngine(), Publisher(queue)
+    worker = Worker(queue, engine, publish, SETTINGS)
+    await worker.run_burst()
+    assert (worker.jobs_complete, worker.jobs_failed, worker.jobs_retried, worker.batches) == (3, 0, 0, 1)
+    [batch] = engine.calls
+    assert [r.prompt for r in batch] == [prompt(f"Title {i}", "https://example.com/lisp") for i in range(3)]
+    assert all(r.seed == 7 and r.sampling.temperature == 0.8 and r.sampling.top_p == 0.9 and r.sampling.top_k == 40
+               and r.sampling.max_new_tokens == 100 for r in batch)
+    assert sorted(job_id for job_id, _ in publish.published) == [j.id for j in jobs]
+    for job in jobs:
+        stored = await queue.get(job.id)
+        assert stored.status is JobStatus.DONE and stored.problems == "clean"
+        thread = Thread.from_json(stored.result)
+        assert (thread.title, thread.url, thread.comment_count) == (job.title, job.url, 3)
+        assert thread.comments[0].children[0].text == "About 200 lines."
+
+
+async def test_unfinished_output_keeps_closed_comments_only(queue):
+    await queue.enqueue(new_job())
+    cut = "First.<|ec|><|c|>Second, cut off in the mid"
+
+    class Cut(FakeEngine):
+        async def generate(self, requests, on_text=None):
+            return [GenerationResult(cut, 10, 20, finished=False) for _ in requests]
+
+    publish = Publisher(queue)
+    await Worker(queue, Cut(), publish, SETTINGS).run_burst()
+    [(_, thread)] = publish.published
+    assert [c.text for c in thread.comments] == ["First."]
+    assert "cut off" in (await queue.list_jobs())[0].problems
+
+
+async def test_batch_size_and_token_budget(queue):
+    for i in range(5):
+        await queue.enqueue(new_job(f"T{i}"))
+    engine = FakeEngine()
+    worker = Worker(queue, engine, Publisher(queue), SETTINGS.replace(batch_size=2))
+    await worker.run_burst()
+    assert [len(call) for call in engine.calls] == [2, 2, 1] and worker.batches == 3
+    for i in range(3):
+        await queue.enqueue(new_job(f"U{i}"))
+    engine = FakeEngine()
+    worker = Worker(queue, engine, Publisher(queue), SETTINGS.replace(token_budget=250))  # ~115 tokens a job
+    await worker.run_burst()
+    assert [len(call) for call in engine.calls] == [2, 1]
+
+
+async def test_empty_output_is_retried_with_a_new_seed(queue):
+    job = await queue.enqueue(new_job(seed=1234))
+    engine, publish = FakeEngine(EMPTY, GOOD), Publisher(queue)
+    worker = Worker(queue, engine, publish, SETTINGS)
+    await worker.run_burst()
+    assert engine.seeds == [1234, next_seed(1234)]
+    stored = await queue.get(job.id)
+    assert (stored.status, stored.seed, stored.generations, stored.attempts) == (
+        JobStatus.DONE, next_seed(1234), 1, 0)
+    assert (worker.jobs_complete, worker.jobs_retried, worker.batches) == (1, 1, 2)
+    assert len(publish.published) == 1
+
+
+async def test_always_bad_output_fails_with_a_message(queue):
+    job = await queue.enqueue(new_job(seed=5))
+    events = []
+
+    async def notify(j, event):
+        events.append((j.id, event))
+
+    engine = FakeEngine(default=EMPTY)
+    worker = Worker(queue, engine, Publisher(queue), SETTINGS, notify=notify)
+    await worker.run_burst()
+    stored = await queue.get(job.id)
+    assert stored.status is JobStatus.FAILED and stored.error == NO_USABLE_OUTPUT
+    assert stored.generations == SETTINGS.generation_retries and stored.attempts == 0
+    assert engine.seeds == [5, next_seed(5), next_seed(next_seed(5))]
+    assert (worker.jobs_failed, worker.jobs_retried, worker.jobs_complete) == (1, 2, 0)
+    assert events == [(job.id, "started"), (job.id, "failed")]
+
+
+async def test_engine_error_releases_the_batch_then_completes(queue):
+    a, b = await queue.enqueue(new_job("A")), await queue.enqueue(new_job("B"))
+    engine, publish = FakeEngine(RuntimeError("CUDA out of memory")), Publisher(queue)
+    worker = Worker(queue, engine, publish, SETTINGS)
+    await worker.run_burst()
+    assert len(engine.calls) == 2 and worker.jobs_retried == 2 and worker.jobs_complete == 2
+    for job in (a, b):
+        stored = await queue.get(job.id)
+        assert (stored.status, stored.attempts, stored.seed) == (JobStatus.DONE, 1, 7)
+
+
+async def test_engine_that_keeps_failing_gives_up(queue):
+    job = await queue.enqueue(new_job(max_attempts=2))
+    engine = FakeEngine(default=RuntimeError("broken"))
+    worker = Worker(queue, engine, Publisher(queue), SETTINGS)
+    await worker.run_burst()
+    stored = await queue.get(job.id)
+    assert stored.status is JobStatus.FAILED and stored.error == GAVE_UP.format(n=2)
+    assert len(engine.calls) == 2 and worker.jobs_failed == 1
+
+
+async def test_one_bad_job_does_not_stop_the_others(queue):
+    bad = await queue.enqueue(new_job("bad", top_p=5.0))  # sampling the engine refuses: fails alone
+    good = await queue.enqueue(new_job("good"))
+    broken = await queue.enqueue(new_job("broken publish"))
+    publish = Publisher(queue, fail_for={broken.id})
+    worker = Worker(queue, FakeEngine(), publish, SETTINGS)
+    await worker.run_burst()
+    assert (await queue.get(bad.id)).status is JobStatus.FAILED
+    assert (await queue.get(good.id)).status is JobStatus.DONE
+    assert (await queue.get(broken.id)).status is JobStatus.POSTING  # left for the publisher's recovery
+    assert worker.publish_errors == 1 and worker.jobs_complete == 2 and worker.jobs_failed == 1
+
+
+async def test_slow_publishing_does_not_stall_the_next_batch(queue):
+    first, second = await queue.enqueue(new_job("first")), await queue.enqueue(new_job("second"))
+    gate, published = asyncio.Event(), []
+
+    async def slow_publish(job, thread):
+        if job.id == first.id:
+            await gate.wait()
+        published.append(job.id)
+
+    engine = FakeEngine()
+    worker = Worker(queue, engine, slow_publish, SETTINGS.replace(batch_size=1))
+    burst = asyncio.create_task(worker.run_burst())
+    for _ in range(200):
+        if worker.jobs_complete == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert worker.jobs_complete == 2 and published == [second.id]  # second batch ran while first was posting
+    gate.set()
+    await asyncio.wait_for(burst, 5)
+    assert published == [second.id, first.id]
+
+
+async def test_crashed_worker_is_recovered_exactly_once(tmp_path, clock):
+    path = tmp_path / "queue.sqlite3"
+    q1 = await Queue.open(path, clock=clock)
+    job = await q1.enqueue(new_job())
+    hanging = HangingEngine()
+    publish1 = Publisher(q1)
+    crashed = Worker(q1, hanging, publish1, SETTINGS)
+    task = asyncio.create_task(crashed.run())
+    await asyncio.wait_for(hanging.started.wait(), 5)
+    assert (await q1.get(job.id)).status is JobStatus.RUNNING
+    task.cancel()  # the process dies mid-batch: nothing is released
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert hanging.cancelled
+    await q1.close()
+
+    clock.advance(SETTINGS.lease_seconds + 1)
+    q2 = await Queue.open(path, clock=clock)  # a new process on the same file
+    try:
+        recovered = await q2.get(job.id)
+        assert (recovered.status, recovered.attempts) == (JobStatus.QUEUED, 1)
+        engine, publish2 = FakeEngine(), Publisher(q2)
+        worker = Worker(q2, engine, publish2, SETTINGS)
+        await worker.run_burst()
+        await worker.run_burst()
+        assert worker.jobs_complete == 1 and len(engine.calls) == 1
+        assert publish1.published == [] and [j for j, _ in publish2.published] == [job.id]
+        done = await q2.get(job.id)
+        assert done.status is JobStatus.DONE and done.attempts == 1
+    finally:
+        await q2.close()
+
+
+async def test_slow_worker_that_lost_its_lease_does_not_publish_twice(tmp_path, clock):
+    path = tmp_path / "queue.sqlite3"
+    q1, q2 = await Queue.open(path, clock=clock), await Queue.open(path, clock=clock)
+    try:
+        job = await q1.enqueue(new_job())
+        gate = asyncio.Event()
+
+        class Slow(FakeEngine):
+            async def generate(self, requests, on_text=None):
+                await gate.wait()
+                return await super().generate(requests, on_text)
+
+        publish = Publisher(q1)
+        slow = Worker(q1, Slow(), publish, SETTINGS, worker_id="worker-1")
+        slow_run = asyncio.create_task(slow.run_burst())
+        for _ in range(200):
+            if (await q1.get(job.id)).status is JobStatus.RUNNING:
+                break
+            await asyncio.sleep(0.01)
+        clock.advance(SETTINGS.lease_seconds + 1)  # it went quiet: the lease lapses
+        fast = Worker(q2, FakeEngine(), publish, SETTINGS, worker_id="worker-1")  # same name, new process
+        await fast.run_burst()
+        assert fast.jobs_complete == 1
+        gate.set()
+        await asyncio.wait_for(slow_run, 5)
+        assert slow.jobs_complete == 0 and [j for j, _ in publish.published] == [job.id]
+    finally:
+        await q1.close()
+        await q2.close()
+
+
+async def test_leases_are_kept_alive_while_generating(queue, clock):
+    job = await queue.enqueue(new_job())
+    settings = SETTINGS.replace(lease_seconds=0.15)
+    first_expiry = asyncio.get_running_loop().create_future()
+    renewed: list[float] = []
+
+    class Watching(FakeEngine):
+        async def generate(self, requests, on_text=None):
+            first_expiry.set_result((await queue.get(job.id)).lease_expires_at)
+            clock.advance(100)  # the generation takes "long"; without renewal the lease would have lapsed
+            for _ in range(200):
+                if (await queue.get(job.id)).lease_expires_at > first_expiry.result():
+                    renewed.append(clock.now)
+                    break
+                await asyncio.sleep(0.01)
+            return await super().generate(requests, on_text)
+
+    worker = Worker(queue, Watching(), Publisher(queue), settings)
+    await worker.run_burst()
+    stored = await queue.get(job.id)
+    assert renewed and stored.status is JobStatus.DONE and stored.attempts == 0
+
+
+async def test_wake_makes_an_idle_worker_start_at_once(queue):
+    publish = Publisher(queue)
+    worker = Worker(queue, FakeEngine(), publish, SETTINGS)  # poll every 30 s
+    run = asyncio.create_task(worker.run())
+    try:
+        await asyncio.sleep(0.05)
+        await queue.enqueue(new_job())
+        await asyncio.sleep(0.2)
+        assert worker.batches == 0  # no busy polling: it sleeps until woken
+        worker.wake()
+        await asyncio.wait_for(publish.event.wait(), 2)
+        assert worker.jobs_complete == 1
+    finally:
+        worker.stop()
+        await asyncio.wait_for(run, 2)
+
+
+async def test_poll_fallback_and_stop(queue):
+    publish = Publisher(queue)
+    worker = Worker(queue, FakeEngine(), publish, SETTINGS.replace(worker_poll_seconds=0.05))
+    run = asyncio.create_task(worker.run())
+    await asyncio.sleep(0.02)
+    await queue.enqueue(new_job())  # e.g. by another process: nobody calls wake()
+    await asyncio.wait_for(publish.event.wait(), 2)
+    worker.stop()
+    await asyncio.wait_for(run, 2)
+    assert run.done() and worker.jobs_complete == 1
+
+
+async def test_result_is_thread_json(queue):
+    await queue.enqueue(new_job(url=None))
+    await Worker(queue, FakeEngine(), Publisher(queue), SETTINGS).run_burst()
+    [job] = await queue.list_jobs()
+    data = json.loads(job.result)
+    assert data["url"] is None and data["comments"][1]["text"] == "Reminds me of SICP."

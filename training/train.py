@@ -1,0 +1,264 @@
+"""Train or finetune a GPT-2 on encoded token files.
+
+``hnaas train --data DIR`` reads ``DIR/train.bin``, ``DIR/val.bin`` and the tokenizer in ``DIR/tokenizer`` (written by
+``hnaas data tokenize``/``encode``). ``--init`` is ``scratch`` (a new model of ``--n-layer``/``--n-embd``/... size), a
+local checkpoint directory, or a hub name such as ``gpt2-medium`` where the hub is reachable.
+
+Each run writes ``runs/<run name>/``: ``config.json`` (the full config), ``metrics.jsonl`` (one JSON object per
+evaluation), ``ckpt.pt`` (latest state, for ``--resume``) and ``best/`` (a Hugging Face checkpoint of the lowest
+validation loss so far). The run name is made from the config, not by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from training.encode import open_tokens
+
+
+@dataclass
+class TrainConfig:
+    data: str = "data/default"  # directory with train.bin, val.bin, tokenizer/
+    out_dir: str = "runs"  # runs are written to out_dir/<run name>
+    run_name: str = ""  # empty: derived from the config
+    init: str = "scratch"  # "scratch", a checkpoint directory, or a hub name (gpt2, gpt2-medium, ...)
+    # model shape (scratch only)
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 256
+    n_positions: int = 1024  # context the model can use when generating
+    dropout: float = 0.0  # small data epochs are few here; dropout mostly slows learning
+    # optimisation
+    block_size: int = 512  # tokens per training sequence
+    batch_size: int = 16  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int = 4000
+    lr: float = 2e-3
+    min_lr: float = 2e-4  # cosine decay floor
+    warmup_steps: int = 200
+    weight_decay: float = 0.1
+    beta2: float = 0.99  # lower than 0.999 because batches are small
+    grad_clip: float = 1.0
+    # bookkeeping
+    eval_every: int = 250
+    eval_batches: int = 40
+    checkpoint_every: int = 250
+    max_minutes: float = 0.0  # stop (and checkpoint) after this wall time; 0 = no limit
+    seed: int = 1337
+    threads: int = 0  # torch CPU threads; 0 = torch's default
+    device: str = ""  # "" = cuda when available
+
+
+def run_name(config: TrainConfig) -> str:
+    """A name that says what the run is, plus a short hash of everything else."""
+    if config.run_name:
+        return config.run_name
+    shape = "ft-" + Path(config.init).name if config.init != "scratch" else f"{config.n_layer}L{config.n_embd}d"
+    blob = json.dumps(dataclasses.asdict(config), sort_keys=True).encode()
+    return f"{Path(config.data).name}-{shape}-ctx{config.block_size}-lr{config.lr:g}-{hashlib.sha1(blob).hexdigest()[:6]}"
+
+
+def lr_at(step: int, c: TrainConfig) -> float:
+    if step < c.warmup_steps:
+        return c.lr * (step + 1) / c.warmup_steps
+    progress = min(1.0, (step - c.warmup_steps) / max(1, c.max_steps - c.warmup_steps))
+    return c.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (c.lr - c.min_lr)
+
+
+def build_model(c: TrainConfig, tokenizer):
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    if c.init == "scratch":
+        config = GPT2Config(
+            vocab_size=len(tokenizer), n_positions=c.n_positions, n_embd=c.n_embd, n_layer=c.n_layer,
+            n_head=c.n_head, resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout,
+            bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+        )
+        return GPT2LMHeadModel(config)
+    model = AutoModelForCausalLM.from_pretrained(c.init)
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))  # the format's tags are new tokens
+    return model
+
+
+class Batches:
+    """Random windows of ``block_size + 1`` tokens from a memory-mapped token file (nanoGPT's sampler)."""
+
+    def __init__(self, path: Path, block_size: int, batch_size: int, seed: int) -> None:
+        self.tokens = open_tokens(path)
+        if len(self.tokens) <= block_size + 1:
+            raise ValueError(f"{path} has {len(self.tokens)} tokens, fewer than one block of {block_size}")
+        self.block_size, self.batch_size = block_size, batch_size
+        self.rng = np.random.default_rng(seed)
+
+    def next(self, device):
+        import torch
+
+        starts = self.rng.integers(0, len(self.tokens) - self.block_size - 1, self.batch_size)
+        window = np.stack([self.tokens[s: s + self.block_size + 1].astype(np.int64) for s in starts])
+        window = torch.from_numpy(window).to(device)
+        return window[:, :-1], window[:, 1:]
+
+
+def train(c: TrainConfig, *, resume: str | None = None, log=print) -> Path:
+    import torch
+
+    from training.tokenizer import load as load_tokenizer
+
+    if resume:
+        run_dir = Path(resume)
+        saved = json.loads((run_dir / "config.json").read_text())
+        overrides = {k: v for k, v in dataclasses.asdict(c).items() if k in ("max_minutes", "threads", "device")}
+        c = TrainConfig(**{**saved, **overrides})
+    else:
+        run_dir = Path(c.out_dir) / run_name(c)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(c), indent=1))
+    if c.threads:
+        torch.set_num_threads(c.threads)
+    device = torch.device(c.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(c.seed)
+    data = Path(c.data)
+    tokenizer = load_tokenizer(data / "tokenizer")
+    model = build_model(c, tokenizer).to(device)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=c.lr, betas=(0.9, c.beta2), fused=device.type == "cuda",
+    )
+    step, best_val = 0, float("inf")
+    train_batches = Batches(data / "train.bin", c.block_size, c.batch_size, c.seed)
+    ckpt_path = run_dir / "ckpt.pt"
+    if resume and ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, best_val = state["step"], state["best_val"]
+        train_batches.rng = np.random.default_rng([c.seed, step])  # fresh windows, not a replay of the first ones
+        log(f"resumed {run_dir} at step {step} (best val {best_val:.4f})")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _nullcontext()
+    mlflow = _mlflow(run_dir, c)
+
+    def evaluate() -> float:
+        model.eval()
+        batches = Batches(data / "val.bin", c.block_size, c.batch_size, seed=0)  # same windows every time
+        losses = []
+        with torch.no_grad():
+            for _ in range(c.eval_batches):
+                x, y = batches.next(device)
+                with autocast:
+                    losses.append(_loss(model, x, y).item())
+        model.train()
+        return float(np.mean(losses))
+
+    def save(reason: str) -> None:
+        tmp = ckpt_path.with_suffix(".tmp")
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                    "best_val": best_val, "config": dataclasses.asdict(c)}, tmp)
+        os.replace(tmp, ckpt_path)  # atomic, so a kill mid-save never leaves a broken checkpoint
+
+    start = time.time()
+    model.train()
+    tokens_per_step = c.batch_size * c.block_size * c.grad_accum
+    last_log = time.time()
+    while step < c.max_steps:
+        lr = lr_at(step, c)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        total = 0.0
+        for _ in range(c.grad_accum):
+            x, y = train_batches.next(device)
+            with autocast:
+                loss = _loss(model, x, y) / c.grad_accum
+            loss.backward()
+            total += loss.item()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        if step % 10 == 0:
+            now = time.time()
+            log(f"step {step} loss {total:.4f} lr {lr:.2e} |g| {norm:.2f} "
+                f"{tokens_per_step * 10 / (now - last_log):.0f} tok/s")
+            last_log = now
+        done = step >= c.max_steps or (c.max_minutes and time.time() - start > c.max_minutes * 60)
+        if step % c.eval_every == 0 or done:
+            val = evaluate()
+            record = {"step": step, "train_loss": total, "val_loss": val, "lr": lr, "tokens": step * tokens_per_step,
+                      "elapsed_s": round(time.time() - start, 1), "time": time.time()}
+            with open(run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if mlflow:
+                mlflow.log_metrics({"val_loss": val, "train_loss": total}, step=step)
+            log(f"eval step {step}: val loss {val:.4f}")
+            if val < best_val:
+                best_val = val
+                _save_hf(model, tokenizer, run_dir / "best")
+        if step % c.checkpoint_every == 0 or done:
+            save("periodic")
+        if done:
+            break
+    if mlflow:
+        mlflow.end_run()
+    return run_dir
+
+
+def _loss(model, x, y):
+    import torch.nn.functional as F
+
+    logits = model(input_ids=x).logits
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
+
+
+def _save_hf(model, tokenizer, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _mlflow(run_dir: Path, c: TrainConfig):
+    try:
+        import mlflow
+    except ImportError:
+        return None
+    mlflow.set_experiment("hnaas")
+    mlflow.start_run(run_name=run_dir.name)
+    mlflow.log_params(dataclasses.asdict(c))
+    return mlflow
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        parser.add_argument(flag, type=type(f.default), default=f.default, help=f"(default: {f.default!r})")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its ckpt.pt")
+
+
+def main(args: argparse.Namespace) -> int:
+    config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    run_dir = train(config, resume=args.resume)
+    print(run_dir)
+    return 0
