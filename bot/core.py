@@ -7,12 +7,24 @@ thread: one message at a time, each in reply to its parent's message, so the pla
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from bot import __version__
+from bot.errors import HnaasError, InputRejected, JobNotFound, PostError
+from bot.links import LinkResolver, extract_urls
+from bot.queue import Job, NewJob, Queue
+from bot.render import RenderedMessage, RenderLimits, Story, render_thread
+from bot.settings import Settings
+from model.tree import Thread
+
 if TYPE_CHECKING:
-    from bot.queue import Job
-    from bot.render import RenderedMessage, RenderLimits
+    from bot.worker import Worker
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -64,3 +76,202 @@ class Poster(Protocol):
 
     async def delete(self, job: Job, message_ids: list[str], thread_ref: str | None) -> None:
         """Remove posted messages (purge, Delete button)."""
+
+
+class Core:
+    """Turns requests into queued jobs, resolves their links, and posts finished threads through the posters.
+
+    ``worker`` is attached after construction (the worker needs ``core.publish``, the core needs ``worker.wake``).
+    """
+
+    def __init__(self, settings: Settings, queue: Queue, resolver: LinkResolver,
+                 posters: dict[str, Poster] | None = None, *, model_name: str = "") -> None:
+        self.settings = settings
+        self.queue = queue
+        self.resolver = resolver
+        self.posters: dict[str, Poster] = dict(posters or {})
+        self.model_name = model_name
+        self.worker: Worker | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._publishing: dict[int, asyncio.Lock] = {}
+        self._random = random.SystemRandom()
+
+    def add_poster(self, poster: Poster) -> None:
+        self.posters[poster.platform] = poster
+
+    # -- requests -----------------------------------------------------------------------------------------------
+
+    async def submit(self, request: Request) -> list[Accepted]:
+        """Queue one job per link in the message (or the command's title). A plain chat message without a link is
+        not a request and returns ``[]``. Raises ``HnaasError`` subclasses whose ``user_message`` explains why not."""
+        text = request.text.strip()
+        if len(text) > self.settings.max_input_chars:
+            raise InputRejected(
+                f"That message is too long ({len(text):,} characters). Paste just the link or a title "
+                f"(up to {self.settings.max_input_chars:,} characters).")
+        inputs = extract_urls(text, self.settings.max_links_per_message)
+        if not inputs:
+            if not request.command:
+                return []
+            if not text:
+                raise InputRejected("Give me a title or a link, e.g. `/hnaas Show HN: My weekend project`.")
+            inputs = [text]
+        if request.max_new_tokens is not None and request.max_new_tokens < 16:
+            raise InputRejected("That length is too short to write a discussion.")
+        accepted = []
+        for item in inputs:
+            job = await self.queue.enqueue(self._new_job(request, item))
+            accepted.append(Accepted(job.id, await self.queue.position(job.id) or 1, item))
+            self._spawn(self._resolve(job))
+        return accepted
+
+    def _new_job(self, request: Request, item: str, *, seed: int | None = None, title: str | None = None,
+                 url: str | None = None) -> NewJob:
+        s = self.settings
+        origin = request.origin
+        return NewJob(
+            platform=origin.platform, channel_id=origin.channel_id, requester_id=request.requester_id, input=item,
+            seed=seed if seed is not None else (request.seed if request.seed is not None
+                                                else self._random.randrange(2**31)),
+            temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+            max_new_tokens=min(request.max_new_tokens or s.max_new_tokens, s.max_new_tokens),
+            max_attempts=s.max_attempts, thread_id=origin.thread_id, message_id=origin.message_id,
+            guild_id=origin.guild_id, title=title, url=url,
+        )
+
+    async def _resolve(self, job: Job) -> None:
+        try:
+            story = await self.resolver.resolve_text(job.input)
+        except HnaasError as e:
+            failed = await self.queue.fail(job.id, e.user_message)
+            if failed is not None:
+                await self._notify(failed, "failed", e.user_message)
+            return
+        except Exception:
+            log.exception("job %s: link resolution crashed; using the input as the title", job.id)
+            story = None
+        title = story.title if story else (job.input[:200] or "Untitled")
+        resolved = await self.queue.set_resolved(job.id, title, story.url if story else None,
+                                                 story.note if story else None)
+        if resolved is not None and self.worker is not None:
+            self.worker.wake()
+
+    async def cancel(self, job_id: int, requester_id: str) -> Job:
+        job = await self.queue.cancel(job_id, requester_id)
+        await self.queue.audit(f"user:{requester_id}", "cancel", f"job:{job_id}")
+        return job
+
+    async def regenerate(self, job_id: int, requester_id: str) -> Accepted:
+        """A new thread for the same story with a new seed, posted as a new thread where the old one was asked."""
+        old = await self.queue.get(job_id)
+        request = Request(Origin(old.platform, old.channel_id, old.message_id, old.thread_id, old.guild_id),
+                          requester_id, old.input, command=True)
+        job = await self.queue.enqueue(self._new_job(request, old.input, seed=self._random.randrange(2**31),
+                                                     title=old.title or old.input, url=old.url))
+        await self.queue.audit(f"user:{requester_id}", "regenerate", f"job:{job_id}", {"new_job": job.id})
+        if self.worker is not None:
+            self.worker.wake()
+        return Accepted(job.id, await self.queue.position(job.id) or 1, old.input)
+
+    async def delete_output(self, job_id: int, actor_id: str, *, is_moderator: bool = False) -> Job:
+        job = await self.queue.get(job_id)
+        if actor_id != job.requester_id and not is_moderator:
+            raise JobNotFound("Only the person who asked for this thread, or a moderator, can delete it.")
+        posts = await self.queue.posts(job_id)
+        poster = self.posters.get(job.platform)
+        if poster is not None and posts:
+            await poster.delete(job, list(posts.values()), job.thread_ref)
+        purged = await self.queue.mark_purged(job_id) or job
+        await self.queue.audit(f"user:{actor_id}", "delete", f"job:{job_id}",
+                               {"messages": len(posts), "moderator": is_moderator})
+        return purged
+
+    async def status(self) -> dict:
+        stats = await self.queue.stats()
+        return {"queue_length": stats.queue_length, "running": stats.running, "model": self.model_name,
+                "version": __version__, "by_status": stats.by_status}
+
+    # -- posting ------------------------------------------------------------------------------------------------
+
+    async def publish(self, job: Job, thread: Thread) -> None:
+        """Post a finished thread, skipping messages already posted, so a restart resumes without duplicates.
+
+        A message is recorded right after the platform accepts it; a crash between the two can repeat that one
+        message at most (platforms offer no lasting idempotency key for posts)."""
+        lock = self._publishing.setdefault(job.id, asyncio.Lock())
+        async with lock:
+            try:
+                await self._publish(job, thread)
+            finally:
+                self._publishing.pop(job.id, None)
+
+    async def _publish(self, job: Job, thread: Thread) -> None:
+        poster = self.posters.get(job.platform)
+        if poster is None:
+            log.warning("job %s: no poster for platform %r; left for a later start", job.id, job.platform)
+            return
+        story = Story(job.title or job.input, job.url, job.seed)
+        posted = await self.queue.posts(job.id)
+        thread_ref = job.thread_ref
+        try:
+            for message in render_thread(thread, story, poster.limits):
+                if message.key in posted:
+                    continue
+                reply_to = posted.get(message.parent_key) if message.parent_key else None
+                result = await self._post_with_retry(poster, job, message, thread_ref, reply_to)
+                if message.parent_key is None and result.thread_ref != thread_ref:
+                    thread_ref = result.thread_ref
+                    await self.queue.set_thread_ref(job.id, thread_ref)
+                posted[message.key] = await self.queue.record_post(job.id, message.key, result.message_id,
+                                                                   thread_ref)
+        except PostError as e:
+            log.warning("job %s: posting failed: %s", job.id, e)
+            failed = await self.queue.fail(job.id, e.user_message)
+            await self._notify(failed or job, "failed", e.user_message)
+            return
+        done = await self.queue.mark_done(job.id)
+        await self._notify(done or job, "done", f"Posted {thread.comment_count} comments.")
+
+    async def _post_with_retry(self, poster: Poster, job: Job, message: RenderedMessage, thread_ref: str | None,
+                               reply_to: str | None, attempts: int = 3) -> Posted:
+        for attempt in range(attempts):
+            try:
+                return await poster.post(job, message, thread_ref=thread_ref, reply_to=reply_to)
+            except PostError as e:
+                if e.permanent or attempt == attempts - 1:
+                    raise
+                await asyncio.sleep(0.5 * 2**attempt)
+        raise AssertionError("unreachable")
+
+    async def _notify(self, job: Job, event: str, text: str) -> None:
+        poster = self.posters.get(job.platform)
+        if poster is None:
+            return
+        try:
+            await poster.notify(job, event, text)
+        except Exception:  # a notice that can't be delivered must never take the job or the bot down
+            log.warning("job %s: could not send %s notice", job.id, event, exc_info=True)
+
+    async def notify_worker_event(self, job: Job, event: str) -> None:
+        """The worker's hook: a job started, or failed during generation."""
+        text = {"started": "Writing the discussion…", "failed": job.error or "Generation failed."}.get(event, event)
+        await self._notify(job, event, text)
+
+    # -- lifecycle ----------------------------------------------------------------------------------------------
+
+    async def recover(self) -> None:
+        """After a restart: resolve links that were mid-resolution, and finish posting interrupted threads."""
+        for job in await self.queue.jobs_needing_resolution():
+            self._spawn(self._resolve(job))
+        for job in await self.queue.jobs_needing_posting():
+            if job.result and job.platform in self.posters:
+                self._spawn(self.publish(job, Thread.from_json(job.result)))
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def drain(self) -> None:
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)

@@ -37,3 +37,7 @@ class PostError(HnaasError):
     def __init__(self, user_message: str, detail: str | None = None, *, permanent: bool = False) -> None:
         super().__init__(user_message, detail)
         self.permanent = permanent
+
+
+class InputRejected(HnaasError):
+    """The request itself can't become a job (too long, empty...)."""

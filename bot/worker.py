@@ -28,7 +28,7 @@ from typing import Any, Protocol
 from bot.queue import Job, JobStatus, Queue
 from bot.settings import Settings
 from model.engine import GenerationRequest, GenerationResult, SamplingSettings
-from model.format import END_OF_TEXT, ThreadParser, prompt
+from model.format import parse_generation, prompt
 from model.tree import Thread
 
 log = logging.getLogger(__name__)
@@ -181,11 +181,7 @@ class Worker:
                     await self._release(job, f"worker error: {exc!r}")
 
     async def _finish(self, job: Job, result: GenerationResult) -> None:
-        parser = ThreadParser(opened=True)  # the prompt ends inside an opened first comment
-        parser.feed(result.text)
-        if result.finished:  # the engine cuts <|endoftext|> off; the parser needs it to keep the last text
-            parser.feed(END_OF_TEXT)
-        parsed = parser.finish()
+        parsed = parse_generation(result.text, result.finished)
         thread = Thread(job.title or job.input, job.url, parsed.comments)
         if parsed.comments:
             stored = await self.queue.complete(job.id, thread.dumps(), parsed.describe(), owner=self.lease_owner)

@@ -52,7 +52,9 @@ def clean_title(title: str) -> str:
 def clean_url(url: str | None) -> str | None:
     if url is None:
         return None
-    url = "".join(url.split()).replace("<|", "")
+    url = "".join(url.split())
+    while "<|" in url:  # one pass is not enough: removing the "<|" in "<<||" leaves "<|"
+        url = url.replace("<|", "")
     return url or None
 
 
@@ -249,7 +251,9 @@ class ThreadParser:
             parent.seen_children += 1
             over = parent.kept_children >= self.max_children
             inside_dropped = parent.comment is None
-            path = parent.path + (parent.kept_children,)
+            # A dropped block's path is never used (nothing inside it is kept), so it shares its parent's tuple:
+            # a run of dropped blocks ("<|c|><|c|><|c|>...") then costs linear, not quadratic, memory.
+            path = parent.path if inside_dropped or over else parent.path + (parent.kept_children,)
         node = _Open(Comment(""), path)
         if inside_dropped:
             node.comment = None
@@ -346,3 +350,13 @@ def parse_story(text: str, max_children: int = MAX_CHILDREN) -> tuple[Thread, Pa
     url = clean_url(lines[1]) if len(lines) > 1 else None
     result = parse_comments(body, max_children=max_children)
     return Thread(title, url, result.comments), result
+
+
+def parse_generation(text: str, finished: bool, max_children: int = MAX_CHILDREN) -> ParseResult:
+    """Parse what a model wrote after ``prompt()``. ``finished`` means it stopped at ``<|endoftext|>`` (which
+    engines cut off): then its last text is complete; otherwise the generation ran out of tokens mid-comment."""
+    parser = ThreadParser(max_children, opened=True)
+    parser.feed(text)
+    if finished:
+        parser.feed(END_OF_TEXT)
+    return parser.finish()

@@ -1,0 +1,85 @@
+"""Wires the parts together for one process: queue, link resolver, engine, core and worker on one event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+
+from bot.core import Core, Poster
+from bot.links import LinkResolver
+from bot.queue import Queue
+from bot.settings import Settings
+from bot.worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+class App:
+    """``async with App(settings) as app:`` opens everything; ``await app.serve(posters)`` starts the worker."""
+
+    def __init__(self, settings: Settings, *, engine=None) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.queue: Queue | None = None
+        self.resolver: LinkResolver | None = None
+        self.core: Core | None = None
+        self.worker: Worker | None = None
+        self._worker_task: asyncio.Task | None = None
+
+    async def __aenter__(self) -> App:
+        s = self.settings
+        if self.engine is None:
+            from model.engine import Engine  # torch loads only for processes that generate
+
+            self.engine = Engine(s.model, device=s.device, threads=s.threads)
+        try:
+            await self.engine.start()
+            self.queue = await Queue.open(s.db, max_queued_per_requester=s.max_queued_per_requester,
+                                          max_queued_total=s.max_queued_total)
+            self.resolver = LinkResolver(hn_api_base=s.hn_api_base, allow_private=s.allow_private_fetch,
+                                         timeout=s.fetch_timeout, max_bytes=s.fetch_max_bytes)
+            await self.resolver.start()
+        except BaseException:
+            await self.__aexit__(None, None, None)
+            raise
+        self.core = Core(s, self.queue, self.resolver, model_name=Path(s.model).name)
+        self.worker = Worker(self.queue, self.engine, self.core.publish, s, notify=self.core.notify_worker_event)
+        self.core.worker = self.worker
+        return self
+
+    async def serve(self, *posters: Poster) -> None:
+        """Register the platforms' posters, finish what a previous run left, and start the worker."""
+        assert self.core is not None and self.worker is not None
+        for poster in posters:
+            self.core.add_poster(poster)
+        await self.core.recover()
+        self._worker_task = asyncio.create_task(self.worker.run(), name="hnaas-worker")
+
+    async def idle(self) -> None:
+        """Wait until no job is waiting, running or posting (the console uses this before it exits)."""
+        assert self.queue is not None and self.core is not None
+        while True:
+            stats = await self.queue.stats()
+            unfinished = sum(n for status, n in stats.by_status.items()
+                             if status in ("resolving", "queued", "running", "posting"))
+            if not unfinished and not self.core._tasks:
+                return
+            await asyncio.sleep(0.1)
+
+    async def __aexit__(self, *exc) -> None:
+        if self.worker is not None:
+            self.worker.stop()
+        if self._worker_task is not None:
+            self._worker_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker_task
+        if self.worker is not None:
+            await self.worker.drain()
+        if self.resolver is not None:
+            await self.resolver.close()
+        if self.queue is not None:
+            await self.queue.close()
+        if self.engine is not None:
+            await self.engine.close()
