@@ -5,6 +5,8 @@
     hnaas data import --format threads reddit-threads-2015.jsonl.gz
     hnaas data crawl --stories top            # or --last 100000, or --from-id 1 --to-id 5000
     hnaas data build --out data/build
+    hnaas data tokenize --data data/build     # --from-gpt2 CHECKPOINT to finetune a GPT-2
+    hnaas data encode --data data/build
     hnaas data stats
 
 Until the ``hnaas`` CLI includes it: ``python -m training.data_cli data …``.
@@ -65,6 +67,20 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--max-stories", type=int, help="stop after this many stories")
     db_option(p)
     p.set_defaults(func=cmd_build)
+
+    p = steps.add_parser("tokenize", help="make the tokenizer: a GPT-2's own plus the format's tags, or a new BPE")
+    p.add_argument("--data", default=DEFAULT_OUT, help=f"folder with train.txt (default {DEFAULT_OUT})")
+    p.add_argument("--from-gpt2", metavar="CHECKPOINT",
+                   help="finetuning: reuse this checkpoint's tokenizer and add the tags (embeddings are resized "
+                        "by `hnaas train`)")
+    p.add_argument("--vocab-size", type=int, default=8192, help="training from scratch: BPE vocabulary (8192)")
+    p.add_argument("--sample-stories", type=int, default=40_000,
+                   help="stories of train.txt to learn the BPE from (40000)")
+    p.set_defaults(func=cmd_tokenize)
+
+    p = steps.add_parser("encode", help="tokenize train/val text once into memory-mapped token files")
+    p.add_argument("--data", default=DEFAULT_OUT, help=f"folder with *.txt and tokenizer/ (default {DEFAULT_OUT})")
+    p.set_defaults(func=cmd_encode)
 
     p = steps.add_parser("stats", help="counts of what the store holds")
     db_option(p)
@@ -148,6 +164,37 @@ def cmd_build(args: argparse.Namespace) -> int:
           f"val: {stats.written['val']} stories, {stats.comments['val']} comments; "
           f"{stats.skipped_few_comments} skipped (too few comments, {stats.story_texts} kept in story_texts.jsonl)"
           f" -> {args.out}")
+    return 0
+
+
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    import itertools
+    from pathlib import Path
+
+    from training.encode import stories
+    from training.tokenizer import gpt2_with_tags, train_bpe
+
+    data = Path(args.data)
+    if args.from_gpt2:
+        tokenizer = gpt2_with_tags(args.from_gpt2)
+    else:
+        tokenizer = train_bpe(itertools.islice(stories(data / "train.txt"), args.sample_stories), args.vocab_size)
+    tokenizer.save_pretrained(data / "tokenizer")
+    print(f"tokenizer with {len(tokenizer)} entries -> {data / 'tokenizer'}")
+    return 0
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from training.encode import encode_file
+    from training.tokenizer import load
+
+    data = Path(args.data)
+    tokenizer = load(data / "tokenizer")
+    for text in sorted(data.glob("*.txt")):
+        meta = encode_file(text, tokenizer, text.with_suffix(".bin"))
+        print(f"{text.name}: {meta['tokens']:,} tokens -> {text.with_suffix('.bin').name}")
     return 0
 
 

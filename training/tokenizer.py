@@ -17,8 +17,9 @@ def wrap(tokenizer_object):
     """A ``PreTrainedTokenizerFast`` around a ``tokenizers.Tokenizer`` with the format's special tokens set."""
     from transformers import PreTrainedTokenizerFast
 
+    # No unk token: a byte-level BPE can spell anything, and an unk aliased to <|endoftext|> would hide a real one.
     tok = PreTrainedTokenizerFast(tokenizer_object=tokenizer_object, bos_token=END_OF_TEXT, eos_token=END_OF_TEXT,
-                                  unk_token=END_OF_TEXT, pad_token=END_OF_TEXT)
+                                  pad_token=END_OF_TEXT)
     tok.add_special_tokens({"additional_special_tokens": [t for t in SPECIAL_TOKENS if t != END_OF_TEXT]})
     tok.model_max_length = 1_000_000  # the model config, not the tokenizer, bounds the context
     return tok

@@ -111,7 +111,15 @@ class Batches:
         return window[:, :-1], window[:, 1:]
 
 
-def train(c: TrainConfig, *, resume: str | None = None, log=print) -> Path:
+RESUME_OVERRIDABLE = ("max_steps", "max_minutes", "threads", "device", "eval_every", "checkpoint_every")
+
+
+def train(c: TrainConfig | None = None, *, resume: str | None = None, overrides: dict | None = None,
+          log=print) -> Path:
+    """Run (or, with ``resume``, continue) a training run and return its directory.
+
+    A resumed run keeps its saved config; only ``RESUME_OVERRIDABLE`` fields may change (e.g. a larger
+    ``max_steps`` extends a run: the cosine schedule then stretches over the new length)."""
     import torch
 
     from training.tokenizer import load as load_tokenizer
@@ -119,9 +127,14 @@ def train(c: TrainConfig, *, resume: str | None = None, log=print) -> Path:
     if resume:
         run_dir = Path(resume)
         saved = json.loads((run_dir / "config.json").read_text())
-        overrides = {k: v for k, v in dataclasses.asdict(c).items() if k in ("max_minutes", "threads", "device")}
+        overrides = overrides or {}
+        refused = set(overrides) - set(RESUME_OVERRIDABLE)
+        if refused:
+            raise ValueError(f"a resumed run keeps its config; can't change {', '.join(sorted(refused))}")
         c = TrainConfig(**{**saved, **overrides})
+        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(c), indent=1))
     else:
+        assert c is not None
         run_dir = Path(c.out_dir) / run_name(c)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(c), indent=1))
@@ -259,6 +272,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
-    run_dir = train(config, resume=args.resume)
+    if args.resume:  # only what the user typed changes a resumed run
+        given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                 if getattr(args, f.name) != f.default}
+        run_dir = train(resume=args.resume, overrides=given)
+    else:
+        run_dir = train(config)
     print(run_dir)
     return 0
