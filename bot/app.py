@@ -45,7 +45,8 @@ class App:
             await self.__aexit__(None, None, None)
             raise
         self.core = Core(s, self.queue, self.resolver, model_name=Path(s.model).name)
-        self.worker = Worker(self.queue, self.engine, self.core.publish, s, notify=self.core.notify_worker_event)
+        self.worker = Worker(self.queue, self.engine, self.core.publish, s, notify=self.core.notify_worker_event,
+                             stream=self.core.stream_comment)
         self.core.worker = self.worker
         return self
 

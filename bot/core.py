@@ -8,6 +8,7 @@ thread: one message at a time, each in reply to its parent's message, so the pla
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from dataclasses import dataclass
@@ -17,9 +18,9 @@ from bot import __version__
 from bot.errors import HnaasError, InputRejected, JobNotFound, PostError
 from bot.links import LinkResolver, extract_urls
 from bot.queue import Job, NewJob, Queue
-from bot.render import RenderedMessage, RenderLimits, Story, render_thread
+from bot.render import RenderedMessage, RenderLimits, Story, render_comment, render_header, render_thread
 from bot.settings import Settings
-from model.tree import Thread
+from model.tree import Comment, Path, Thread
 
 if TYPE_CHECKING:
     from bot.worker import Worker
@@ -77,6 +78,9 @@ class Poster(Protocol):
     async def delete(self, job: Job, message_ids: list[str], thread_ref: str | None) -> None:
         """Remove posted messages (purge, Delete button)."""
 
+    # Optional: ``async edit(job, message_id, message)`` replaces a posted message's text. When present, a header
+    # posted while its thread was still streaming is edited to show the final comment count.
+
 
 class Core:
     """Turns requests into queued jobs, resolves their links, and posts finished threads through the posters.
@@ -93,7 +97,8 @@ class Core:
         self.model_name = model_name
         self.worker: Worker | None = None
         self._tasks: set[asyncio.Task] = set()
-        self._publishing: dict[int, asyncio.Lock] = {}
+        self._publishing: dict[int, asyncio.Lock] = {}  # one poster at a time per job, in call order
+        self._streamed: set[int] = set()  # jobs whose header went out before their comment count was known
         self._random = random.SystemRandom()
 
     def add_poster(self, poster: Poster) -> None:
@@ -194,43 +199,69 @@ class Core:
     # -- posting ------------------------------------------------------------------------------------------------
 
     async def publish(self, job: Job, thread: Thread) -> None:
-        """Post a finished thread, skipping messages already posted, so a restart resumes without duplicates.
+        """Post a finished thread, skipping messages already posted (streamed, or before a restart), so a restart
+        resumes without duplicates; then mark the job done, or failed with the platform's reason.
 
         A message is recorded right after the platform accepts it; a crash between the two can repeat that one
         message at most (platforms offer no lasting idempotency key for posts)."""
-        lock = self._publishing.setdefault(job.id, asyncio.Lock())
-        async with lock:
-            try:
-                await self._publish(job, thread)
-            finally:
-                self._publishing.pop(job.id, None)
-
-    async def _publish(self, job: Job, thread: Thread) -> None:
         poster = self.posters.get(job.platform)
         if poster is None:
             log.warning("job %s: no poster for platform %r; left for a later start", job.id, job.platform)
             return
-        story = Story(job.title or job.input, job.url, job.seed)
-        posted = await self.queue.posts(job.id)
-        thread_ref = job.thread_ref
-        try:
-            for message in render_thread(thread, story, poster.limits):
-                if message.key in posted:
-                    continue
-                reply_to = posted.get(message.parent_key) if message.parent_key else None
-                result = await self._post_with_retry(poster, job, message, thread_ref, reply_to)
-                if message.parent_key is None and result.thread_ref != thread_ref:
-                    thread_ref = result.thread_ref
-                    await self.queue.set_thread_ref(job.id, thread_ref)
-                posted[message.key] = await self.queue.record_post(job.id, message.key, result.message_id,
-                                                                   thread_ref)
-        except PostError as e:
-            log.warning("job %s: posting failed: %s", job.id, e)
-            failed = await self.queue.fail(job.id, e.user_message)
-            await self._notify(failed or job, "failed", e.user_message)
-            return
+        story = self._story(job)
+        async with self._lock(job.id):
+            try:
+                posted = await self.queue.posts(job.id)
+                header_streamed = "h" in posted and job.id in self._streamed
+                await self._post_all(poster, job, render_thread(thread, story, poster.limits), posted)
+                if header_streamed and hasattr(poster, "edit"):  # the streamed header had no comment count
+                    with contextlib.suppress(PostError):
+                        await poster.edit(job, posted["h"], render_header(story, thread.comment_count,
+                                                                          poster.limits))
+            except PostError as e:
+                log.warning("job %s: posting failed: %s", job.id, e)
+                failed = await self.queue.fail(job.id, e.user_message)
+                await self._notify(failed or job, "failed", e.user_message)
+                return
+            finally:
+                self._streamed.discard(job.id)
+                self._publishing.pop(job.id, None)
         done = await self.queue.mark_done(job.id)
         await self._notify(done or job, "done", f"Posted {thread.comment_count} comments.")
+
+    async def stream_comment(self, job: Job, path: Path, comment: Comment) -> None:
+        """Post one comment while the rest of its thread is still being generated (the header goes first)."""
+        poster = self.posters.get(job.platform)
+        if poster is None:
+            return
+        story = self._story(job)
+        messages = render_comment(story, path, comment, poster.limits)
+        async with self._lock(job.id):
+            posted = await self.queue.posts(job.id)
+            if "h" not in posted:
+                messages.insert(0, render_header(story, None, poster.limits))
+                self._streamed.add(job.id)
+            await self._post_all(poster, job, messages, posted)
+
+    def _story(self, job: Job) -> Story:
+        return Story(job.title or job.input, job.url, job.seed)
+
+    def _lock(self, job_id: int) -> asyncio.Lock:
+        return self._publishing.setdefault(job_id, asyncio.Lock())
+
+    async def _post_all(self, poster: Poster, job: Job, messages: list[RenderedMessage],
+                        posted: dict[str, str]) -> None:
+        """Post the messages not yet in ``posted``, each replying to its parent's message, recording each."""
+        thread_ref = (await self.queue.get(job.id)).thread_ref
+        for message in messages:
+            if message.key in posted:
+                continue
+            reply_to = posted.get(message.parent_key) if message.parent_key else None
+            result = await self._post_with_retry(poster, job, message, thread_ref, reply_to)
+            if message.parent_key is None and result.thread_ref != thread_ref:
+                thread_ref = result.thread_ref
+                await self.queue.set_thread_ref(job.id, thread_ref)
+            posted[message.key] = await self.queue.record_post(job.id, message.key, result.message_id, thread_ref)
 
     async def _post_with_retry(self, poster: Poster, job: Job, message: RenderedMessage, thread_ref: str | None,
                                reply_to: str | None, attempts: int = 3) -> Posted:

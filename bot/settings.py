@@ -65,6 +65,7 @@ class Settings:
 
     # Platforms
     discord_api_base: str = "https://discord.com/api/v10"
+    discord_message_content: bool = True  # privileged intent; off: the bot answers only messages that mention it
     slack_api_base: str = "https://slack.com/api/"
     discord_token: str | None = _secret()
     slack_bot_token: str | None = _secret()

@@ -28,8 +28,8 @@ from typing import Any, Protocol
 from bot.queue import Job, JobStatus, Queue
 from bot.settings import Settings
 from model.engine import GenerationRequest, GenerationResult, SamplingSettings
-from model.format import parse_generation, prompt
-from model.tree import Thread
+from model.format import ThreadParser, parse_generation, prompt
+from model.tree import Comment, Path, Thread
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ BAD_SETTINGS = "That request's generation settings aren't valid, so it couldn't 
 
 Publish = Callable[[Job, Thread], Awaitable[None]]  # posts the thread, then marks the job done or failed itself
 Notify = Callable[[Job, str], Awaitable[None]]  # (job, "started" | "failed")
+Stream = Callable[[Job, Path, Comment], Awaitable[None]]  # posts one comment as soon as the model closed it
 
 
 class GenerationEngine(Protocol):
@@ -53,10 +54,12 @@ def next_seed(seed: int) -> int:
 
 class Worker:
     def __init__(self, queue: Queue, engine: GenerationEngine, publish: Publish, settings: Settings, *,
-                 worker_id: str = "worker-1", tokens_per_char: float = 0.3, notify: Notify | None = None) -> None:
+                 worker_id: str = "worker-1", tokens_per_char: float = 0.3, notify: Notify | None = None,
+                 stream: Stream | None = None) -> None:
         self.queue = queue
         self.engine = engine
         self.publish = publish
+        self.stream = stream
         self.settings = settings
         self.worker_id = worker_id
         # Unique per Worker object: a restarted worker with the same name must not take an old lease for its own.
@@ -157,7 +160,7 @@ class Worker:
         keeper = asyncio.create_task(self._keep_leases(ids))
         error: Exception | None = None
         try:
-            results = await self.engine.generate(requests)
+            results = await self.engine.generate(requests, on_text=self._streamer(batch))
             if len(results) != len(requests):
                 raise RuntimeError(f"engine returned {len(results)} results for {len(requests)} requests")
         except Exception as exc:
@@ -179,6 +182,32 @@ class Worker:
                 self._log(logging.ERROR, job, "handling the output failed", exc_info=True)
                 with contextlib.suppress(Exception):
                     await self._release(job, f"worker error: {exc!r}")
+
+    def _streamer(self, batch: list[Job]) -> Callable[[int, str], None] | None:
+        """An ``on_text`` callback that parses each request's text as it grows and streams every comment the
+        moment the model closes it. The final output is parsed again in ``_finish``; comments streamed here are
+        recorded as posted, so the publisher skips them then."""
+        if self.stream is None:
+            return None
+        parsers = [ThreadParser(opened=True) for _ in batch]
+        fed = [""] * len(batch)
+
+        def on_text(index: int, text: str) -> None:
+            if parsers[index] is None or not text.startswith(fed[index]):
+                parsers[index] = None  # the text was rewritten: leave this job to the final publish
+                return
+            delta, fed[index] = text[len(fed[index]):], text
+            for path, comment in parsers[index].feed(delta):
+                self._spawn(self._stream(batch[index], path, comment))
+
+        return on_text
+
+    async def _stream(self, job: Job, path: Path, comment: Comment) -> None:
+        assert self.stream is not None
+        try:
+            await self.stream(job, path, comment)
+        except Exception:  # the final publish posts whatever streaming could not
+            self._log(logging.WARNING, job, "streaming comment %s failed", path, exc_info=True)
 
     async def _finish(self, job: Job, result: GenerationResult) -> None:
         parsed = parse_generation(result.text, result.finished)

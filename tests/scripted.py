@@ -21,7 +21,7 @@ def scripted_comments(title: str, seed: int, *, long_text: str | None = None) ->
     for i in range(rng.randint(2, 3)):
         replies = [Comment(f"Reply {i}.{j} about {title} (seed {seed}).",
                            [Comment(f"Deeper reply {i}.{j}.0.")] if j == 0 else [])
-                   for j in range(rng.randint(0, 2))]
+                   for j in range(rng.randint(1 if i == 0 else 0, 2))]  # the first always has a reply
         comments.append(Comment(f"Top comment {i} on {title} (seed {seed}).", replies))
     if long_text:
         comments[0].children.append(Comment(long_text))

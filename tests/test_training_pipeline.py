@@ -10,8 +10,9 @@ from bot.cli import main
 from model.engine import Engine, GenerationRequest, SamplingSettings
 from model.format import prompt
 
-WORDS = ("the compiler rust memory safety startup funding python garbage collector latency database index "
-         "query browser privacy search engine battery laptop kernel scheduler open source license").split()
+WORDS = ["the", "compiler", "rust", "memory", "safety", "startup", "funding", "python", "garbage", "collector",
+         "latency", "database", "index", "query", "browser", "privacy", "search", "engine", "battery", "laptop",
+         "kernel", "scheduler", "open", "source", "license"]
 
 
 def sentence(rng: random.Random) -> str:
