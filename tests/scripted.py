@@ -31,8 +31,11 @@ def scripted_comments(title: str, seed: int, *, long_text: str | None = None) ->
 class ScriptedEngine:
     """Generates ``scripted_comments`` for each prompt's title. ``delay`` makes a batch take time."""
 
-    def __init__(self, *, delay: float = 0.0, long_text: str | None = None, empty_titles: tuple[str, ...] = ()):
+    def __init__(self, *, delay: float = 0.0, long_text: str | None = None, empty_titles: tuple[str, ...] = (),
+                 stream_delay: float | None = None):
         self.delay = delay
+        self.stream_delay = stream_delay  # when set, on_text gets the text tag by tag, this many seconds apart
+        self.finished_at: list[float] = []
         self.long_text = long_text
         self.empty_titles = empty_titles
         self.batches: list[list] = []
@@ -59,4 +62,12 @@ class ScriptedEngine:
                 text = text.removeprefix(OPEN)
             assert not text or text.endswith(CLOSE)
             results.append(GenerationResult(text, 10, len(text) // 4, True))
+        if on_text is not None and self.stream_delay is not None:
+            for index, result in enumerate(results):
+                for end in range(len(result.text)):
+                    if result.text.startswith((OPEN, CLOSE), end):
+                        on_text(index, result.text[:end + 1])  # a tag just began: like an engine mid-token
+                        await asyncio.sleep(self.stream_delay)
+                on_text(index, result.text)
+        self.finished_at.append(asyncio.get_running_loop().time())
         return results

@@ -26,6 +26,8 @@ class RecordingPoster:
         self.posts: list[tuple[str, str | None, str]] = []  # (key, reply_to, text)
         self.notices: list[tuple[int, str, str]] = []
         self.deleted: list[str] = []
+        self.edits: list[tuple[str, str]] = []
+        self.times: dict[str, float] = {}
         self.fail_at = fail_at
         self.error = error or RuntimeError("platform exploded")
         self.calls = 0
@@ -35,6 +37,7 @@ class RecordingPoster:
         if self.fail_at is not None and self.calls == self.fail_at:
             raise self.error
         self.posts.append((message.key, reply_to, message.text))
+        self.times[message.key] = asyncio.get_running_loop().time()
         assert len(message.text) <= self.limits.max_chars
         return Posted(f"msg-{job.id}-{message.key}", thread_ref or f"thread-{job.id}")
 
@@ -43,6 +46,9 @@ class RecordingPoster:
 
     async def delete(self, job, message_ids, thread_ref):
         self.deleted.extend(message_ids)
+
+    async def edit(self, job, message_id, message):
+        self.edits.append((message_id, message.text))
 
 
 @pytest.fixture
@@ -201,3 +207,23 @@ async def test_cancel_regenerate_and_delete(settings):
         assert {m for m in poster.deleted} == set((await app.queue.posts(done.id)).values())
         actions = [entry.action for entry in await app.queue.audit_entries()]
     assert {"cancel", "regenerate", "delete"} <= set(actions)
+
+
+async def test_comments_are_posted_while_the_thread_is_still_generating(settings):
+    poster = RecordingPoster()
+    engine = ScriptedEngine(stream_delay=0.1)
+    async with App(settings, engine=engine) as app:
+        await app.serve(poster)
+        [accepted] = await app.core.submit(Request(ORIGIN, "alice", "Streaming title", command=True))
+        job = await finished(app, accepted.job_id)
+    assert job.status == "done"
+    [generation_end] = engine.finished_at
+    assert poster.times["h"] < poster.times["c0"] < generation_end  # the first comment did not wait for the rest
+    keys = [key for key, _, _ in poster.posts]
+    assert len(keys) == len(set(keys))  # streamed and final publishing never post a message twice
+    from model.tree import Thread
+
+    comments = scripted_comments("Streaming title", job.seed)
+    assert keys == ["h"] + ["c" + ".".join(map(str, p)) for p, _ in Thread("", None, comments).walk()]
+    [(edited_id, header)] = poster.edits  # the header went out before the count was known, then got it
+    assert edited_id == f"msg-{job.id}-h" and f"| {len(keys) - 1} comments" in header
