@@ -191,6 +191,15 @@ class Core:
                                {"messages": len(posts), "moderator": is_moderator})
         return purged
 
+    async def option(self, scope: str, name: str, default=None):
+        return await self.queue.option(scope, name, default)
+
+    async def set_option(self, scope: str, name: str, value, *, actor: str | None = None) -> None:
+        """Change a setting; changes made by a person are written to the audit log."""
+        await self.queue.set_option(scope, name, value)
+        if actor is not None:
+            await self.queue.audit(actor, "set_option", scope, {"name": name, "value": value})
+
     async def status(self) -> dict:
         stats = await self.queue.stats()
         return {"queue_length": stats.queue_length, "running": stats.running, "model": self.model_name,

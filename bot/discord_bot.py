@@ -27,7 +27,6 @@ import hashlib
 import json
 import logging
 import re
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import aiohttp
@@ -413,37 +412,6 @@ def post_error(exc: discord.HTTPException) -> PostError:
 # --- the bot -------------------------------------------------------------------------------------------------
 
 
-class DiscordPrefs:
-    """The adapter's own small state, in a JSON file next to the queue DB (``hnaas.sqlite3.discord.json``):
-    the slash-command signature last uploaded per application, and which channels answer pasted links.
-    Written whole to a temporary file and renamed, so a crash never leaves half a file. No file: nothing kept.
-    """
-
-    def __init__(self, path: str | Path | None) -> None:
-        self.path = Path(path) if path else None
-        self.data: dict[str, dict[str, Any]] = {"commands": {}, "links": {}}
-        if self.path is not None and self.path.exists():
-            try:
-                loaded = json.loads(self.path.read_text())
-                self.data.update({k: v for k, v in loaded.items() if isinstance(v, dict)})
-            except (ValueError, OSError) as exc:
-                log.warning("ignoring unreadable %s: %s", self.path, exc)
-
-    @classmethod
-    def beside(cls, db: str) -> DiscordPrefs:
-        return cls(None if db in ("", ":memory:") else Path(db).with_name(Path(db).name + ".discord.json"))
-
-    def get(self, section: str, key: str, default: Any = None) -> Any:
-        return self.data[section].get(key, default)
-
-    def set(self, section: str, key: str, value: Any) -> None:
-        self.data[section][key] = value
-        if self.path is not None:
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True))
-            tmp.replace(self.path)
-
-
 def default_intents(message_content: bool = True) -> discord.Intents:
     intents = discord.Intents.none()
     intents.guilds = True
@@ -461,9 +429,9 @@ class HnaasBot(discord.AutoShardedClient):
     """
 
     def __init__(self, core: Core, settings: Settings, *, intents: discord.Intents | None = None,
-                 prefs: DiscordPrefs | None = None, **options: Any) -> None:
+                 **options: Any) -> None:
         if intents is None:
-            intents = default_intents(getattr(settings, "discord_message_content", True))
+            intents = default_intents(settings.discord_message_content)
         super().__init__(intents=intents, allowed_mentions=NO_MENTIONS, **options)
         self.core = core
         self.settings = settings
@@ -471,7 +439,6 @@ class HnaasBot(discord.AutoShardedClient):
         self.tree = app_commands.CommandTree(self)
         self.tree.add_command(HnaasCommands(self))
         self.tree.on_error = self._on_app_command_error  # type: ignore[method-assign]
-        self.prefs = prefs if prefs is not None else DiscordPrefs.beside(settings.db)
         self._interactions: dict[int, discord.Interaction] = {}  # job id -> deferred command awaiting its link
         self._thread_links: dict[int, str] = {}  # job id -> thread link posted before its command deferred
         self._background: set[asyncio.Future[Any]] = set()
@@ -490,13 +457,13 @@ class HnaasBot(discord.AutoShardedClient):
     async def sync_commands(self) -> bool:
         """Upload the commands only when their signature changed since the last upload (they're rate limited)."""
         signature = self.command_signature()
-        key = str(self.application_id)
-        if self.prefs.get("commands", key) == signature:
+        scope = f"discord:application:{self.application_id}"
+        if await self.core.option(scope, "command_signature") == signature:
             log.info("slash commands unchanged; not syncing")
             return False
         await self.tree.sync()
         self.synced_commands = True
-        self.prefs.set("commands", key, signature)
+        await self.core.set_option(scope, "command_signature", signature)
         log.info("slash commands synced")
         return True
 
@@ -550,12 +517,12 @@ class HnaasBot(discord.AutoShardedClient):
 
     # -- link detection --
 
-    def links_enabled(self, channel_id: str) -> bool:
+    async def links_enabled(self, channel_id: str) -> bool:
         """Whether pasted links are answered in this channel without a mention (off unless an admin turned it on)."""
-        return bool(self.prefs.get("links", channel_id, False))
+        return bool(await self.core.option(f"discord:channel:{channel_id}", "links", False))
 
-    def set_links(self, channel_id: str, enabled: bool) -> None:
-        self.prefs.set("links", channel_id, enabled)
+    async def set_links(self, channel_id: str, enabled: bool, actor_id: str) -> None:
+        await self.core.set_option(f"discord:channel:{channel_id}", "links", enabled, actor=f"discord:{actor_id}")
 
     # -- pasted links --
 
@@ -569,7 +536,7 @@ class HnaasBot(discord.AutoShardedClient):
         in_thread = isinstance(channel, discord.Thread)
         text = re.sub(rf"<@!?{self.user.id}>" + (rf"|<@&{role.id}>" if role else ""), " ", message.content).strip()
         # Links alone count only in top-level channels that opted in (not in threads, HNaaS's own included).
-        if not mentioned and (in_thread or not LINK.search(text) or not self.links_enabled(str(channel.id))):
+        if not mentioned and (in_thread or not LINK.search(text) or not await self.links_enabled(str(channel.id))):
             return
         if not text:
             await self._reply(message, "Paste a link (or a title) after mentioning me, or use `/hnaas generate`.")
@@ -679,7 +646,7 @@ class HnaasCommands(app_commands.Group):
             return
         channel = interaction.channel
         channel_id = str(channel.parent_id if isinstance(channel, discord.Thread) else interaction.channel_id)
-        self.bot.set_links(channel_id, mode == "on")
+        await self.bot.set_links(channel_id, mode == "on", str(interaction.user.id))
         text = ("I'll answer links posted in this channel." if mode == "on"
                 else "I'll only answer in this channel when mentioned or asked with /hnaas generate.")
         if mode == "on" and not self.bot.intents.message_content:

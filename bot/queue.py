@@ -131,6 +131,18 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """,
         "CREATE INDEX audit_at ON audit_log (at)",
     ),
+    (
+        # Small named settings: a channel's link detection, the slash-command signature last uploaded...
+        """
+        CREATE TABLE options (
+            scope TEXT NOT NULL,
+            name TEXT NOT NULL,
+            value TEXT NOT NULL,
+            updated_at REAL NOT NULL,
+            PRIMARY KEY (scope, name)
+        )
+        """,
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -232,6 +244,11 @@ SET_THREAD_REF = "UPDATE jobs SET thread_ref = ?, updated_at = ? WHERE id = ?"
 MARK_PURGED = "UPDATE jobs SET purged_at = ?, updated_at = ? WHERE id = ? RETURNING *"
 INSERT_AUDIT = "INSERT INTO audit_log (at, actor, action, target, details) VALUES (?, ?, ?, ?, ?)"
 SELECT_AUDIT = "SELECT * FROM audit_log ORDER BY id DESC LIMIT ?"
+SELECT_OPTION = "SELECT value FROM options WHERE scope = ? AND name = ?"
+UPSERT_OPTION = """
+    INSERT INTO options (scope, name, value, updated_at) VALUES (?, ?, ?, ?)
+    ON CONFLICT (scope, name) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at
+"""
 
 
 # --- records -------------------------------------------------------------------------------------------------
@@ -664,6 +681,15 @@ class Queue:
         async with self._write() as db:
             await db.execute(INSERT_AUDIT, (self._clock(), actor, action, target,
                                             json.dumps(details or {}, ensure_ascii=False, default=str)))
+
+    async def option(self, scope: str, name: str, default: Any = None) -> Any:
+        """A named setting (any JSON value) of a scope such as ``"discord:channel:123"``."""
+        rows = await self._read(SELECT_OPTION, (scope, name))
+        return json.loads(rows[0]["value"]) if rows else default
+
+    async def set_option(self, scope: str, name: str, value: Any) -> None:
+        async with self._write() as db:
+            await db.execute(UPSERT_OPTION, (scope, name, json.dumps(value), self._clock()))
 
     async def audit_entries(self, limit: int = 50) -> list[AuditEntry]:
         """Newest first."""

@@ -196,7 +196,7 @@ async def test_pasted_link_becomes_a_thread_that_mirrors_the_tree(harness, fake)
     alice, admin = fake.user(name="alice"), fake.user(name="admin")
     token = await fake.slash_command(fake.general, admin, "hnaas links", mode="on", permissions=ADMIN_PERMISSIONS)
     assert (await answered(fake, token))["data"]["flags"] == 64
-    assert harness.bot.links_enabled(fake.general)
+    assert await harness.bot.links_enabled(fake.general)
 
     url = fake.page_url("Why-SQLite-is-enough")
     request = await fake.send_message(fake.general, alice, f"worth a read {url}")

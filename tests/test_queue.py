@@ -372,3 +372,17 @@ async def test_list_jobs_and_stats(queue, clock):
     stats = await queue.stats()
     assert stats.by_status["running"] == 1 and stats.by_status["queued"] == 1 and stats.by_status["done"] == 0
     assert (stats.queue_length, stats.running, stats.oldest_waiting_age) == (2, 1, 30)
+
+
+async def test_options_are_json_values_that_survive_a_reopen(tmp_path):
+    path = tmp_path / "options.sqlite3"
+    async with await Queue.open(path) as q:
+        assert await q.option("discord:channel:1", "links", False) is False
+        await q.set_option("discord:channel:1", "links", True)
+        await q.set_option("discord:application:9", "command_signature", {"sha": "abc"})
+        await q.set_option("discord:channel:1", "links", False)
+        await q.set_option("discord:channel:2", "links", True)
+    async with await Queue.open(path) as q:
+        assert await q.option("discord:channel:1", "links") is False
+        assert await q.option("discord:channel:2", "links") is True
+        assert await q.option("discord:application:9", "command_signature") == {"sha": "abc"}
