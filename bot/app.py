@@ -55,6 +55,8 @@ class App:
         assert self.core is not None and self.worker is not None
         for poster in posters:
             self.core.add_poster(poster)
+        for job in await self.queue.requeue_orphaned(self.worker.worker_id, self.worker.lease_owner):
+            log.warning("job %s: was running when the last process stopped; %s", job.id, job.status)
         await self.core.recover()
         self._worker_task = asyncio.create_task(self.worker.run(), name="hnaas-worker")
 

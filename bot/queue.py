@@ -190,6 +190,10 @@ UPDATE jobs SET lease_expires_at = ?, updated_at = ?
 WHERE id = ? AND status = 'running' AND (? IS NULL OR lease_owner = ?)
 """
 SELECT_EXPIRED = "SELECT * FROM jobs WHERE status = 'running' AND lease_expires_at <= ? ORDER BY id"
+# Running jobs of an earlier process of the same worker (owner "<worker id>:<pid>:<random>", not the current one).
+SELECT_ORPHANED = """
+    SELECT * FROM jobs WHERE status = 'running' AND lease_owner LIKE ? ESCAPE '\\' AND lease_owner != ? ORDER BY id
+"""
 # A failed attempt: back to the queue, or failed for good when it was the last one. Params: error, error-if-final,
 # now, now, id, owner, owner.
 COUNT_ATTEMPT = """
@@ -526,6 +530,23 @@ class Queue:
                 expired = [_job(row) for row in await cursor.fetchall()]
             for job in expired:
                 row = await self._count_attempt(db, job.id, "the worker stopped answering (lease expired)",
+                                                None, job.attempts + 1, now)
+                if row is not None:
+                    moved.append(row)
+        return moved
+
+    async def requeue_orphaned(self, worker_id: str, current_owner: str) -> list[Job]:
+        """At start: jobs a previous process of this worker was running when it died go back to the queue now
+        (attempt counted) instead of waiting for their lease to expire. Worker ids must be unique per process
+        when several processes share one database."""
+        now = self._clock()
+        moved = []
+        pattern = worker_id.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + ":%"
+        async with self._write() as db:
+            async with db.execute(SELECT_ORPHANED, (pattern, current_owner)) as cursor:
+                orphaned = [_job(row) for row in await cursor.fetchall()]
+            for job in orphaned:
+                row = await self._count_attempt(db, job.id, "the bot restarted while writing this thread",
                                                 None, job.attempts + 1, now)
                 if row is not None:
                     moved.append(row)

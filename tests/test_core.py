@@ -227,3 +227,16 @@ async def test_comments_are_posted_while_the_thread_is_still_generating(settings
     assert keys == ["h"] + ["c" + ".".join(map(str, p)) for p, _ in Thread("", None, comments).walk()]
     [(edited_id, header)] = poster.edits  # the header went out before the count was known, then got it
     assert edited_id == f"msg-{job.id}-h" and f"| {len(keys) - 1} comments" in header
+
+
+async def test_restart_reruns_a_job_the_dead_process_was_generating_without_waiting_for_its_lease(settings):
+    async with App(settings, engine=ScriptedEngine(delay=30)) as app:  # "crashes" mid-generation
+        await app.serve(RecordingPoster())
+        [accepted] = await app.core.submit(Request(ORIGIN, "alice", "Interrupted title", command=True))
+        await wait_for(lambda: bool(app.engine.batches))
+    poster = RecordingPoster()
+    async with App(settings, engine=ScriptedEngine()) as app:  # lease_seconds is 600: only the restart helps
+        assert (await app.queue.get(accepted.job_id)).status == "running"
+        await app.serve(poster)
+        job = await finished(app, accepted.job_id)
+    assert job.status == "done" and job.attempts == 1 and poster.posts[0][0] == "h"
