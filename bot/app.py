@@ -67,7 +67,7 @@ class App:
             stats = await self.queue.stats()
             unfinished = sum(n for status, n in stats.by_status.items()
                              if status in ("resolving", "queued", "running", "posting"))
-            if not unfinished and not self.core._tasks:
+            if not unfinished and not self.core.busy:
                 return
             await asyncio.sleep(0.1)
 
