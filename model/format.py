@@ -345,8 +345,8 @@ def parse_story(text: str, max_children: int = MAX_CHILDREN) -> tuple[Thread, Pa
     text = text.removeprefix(END_OF_TEXT)
     cut = _TAG.search(text)
     head, body = (text[: cut.start()], text[cut.start():]) if cut else (text, "")
-    lines = [line.strip() for line in head.strip().split("\n") if line.strip()]
-    title = clean_title(lines[0]) if lines else ""
+    lines = head.split("\n")  # line 1 is the title (possibly empty), line 2 the URL when there is one
+    title = clean_title(lines[0])
     url = clean_url(lines[1]) if len(lines) > 1 else None
     result = parse_comments(body, max_children=max_children)
     return Thread(title, url, result.comments), result

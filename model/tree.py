@@ -18,24 +18,62 @@ from typing import Any
 Path = tuple[int, ...]  # a comment's position: indexes from the top level down, e.g. (0, 2) = 3rd reply to 1st comment
 
 
-@dataclass
+@dataclass(eq=False)
 class Comment:
+    # from_json, to_json and == walk the tree with explicit stacks, never recursion, so that a model's runaway
+    # reply chain (hundreds or thousands deep) cannot hit the recursion limit. (json.dumps and json.loads still
+    # recurse: Thread.dumps and Thread.from_json(str) handle up to about 490 levels.)
     text: str
     children: list[Comment] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Comment:
-        if not isinstance(data, dict) or not isinstance(data.get("text"), str):
-            raise ValueError("a comment needs a string 'text'")
-        children = data.get("children") or []
-        if not isinstance(children, list):
-            raise ValueError("'children' must be a list")
-        extra = {k: v for k, v in data.items() if k not in ("text", "children")}
-        return cls(data["text"], [cls.from_json(c) for c in children], extra)
+        def one(item: Any) -> tuple[Comment, list]:
+            if not isinstance(item, dict) or not isinstance(item.get("text"), str):
+                raise ValueError("a comment needs a string 'text'")
+            children = item.get("children") or []
+            if not isinstance(children, list):
+                raise ValueError("'children' must be a list")
+            extra = {k: v for k, v in item.items() if k not in ("text", "children")}
+            return cls(item["text"], [], extra), children
+
+        root, children = one(data)
+        stack = [(root, children)]
+        while stack:
+            parent, children = stack.pop()
+            for item in children:
+                child, grandchildren = one(item)
+                parent.children.append(child)
+                stack.append((child, grandchildren))
+        return root
 
     def to_json(self) -> dict[str, Any]:
-        return {**self.extra, "text": self.text, "children": [c.to_json() for c in self.children]}
+        root = {**self.extra, "text": self.text, "children": []}
+        stack = [(self, root["children"])]
+        while stack:
+            comment, out = stack.pop()
+            for child in comment.children:
+                data = {**child.extra, "text": child.text, "children": []}
+                out.append(data)
+                stack.append((child, data["children"]))
+        return root
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        stack = [(self, other)]
+        while stack:
+            a, b = stack.pop()
+            if a is b:
+                continue
+            if (a.__class__ is not b.__class__ or a.text != b.text or a.extra != b.extra
+                    or len(a.children) != len(b.children)):
+                return False
+            stack.extend(zip(a.children, b.children, strict=True))
+        return True
+
+    __hash__ = None  # mutable, like the dataclass-generated __eq__ it replaces
 
 
 @dataclass
