@@ -35,7 +35,7 @@ from discord import app_commands
 
 from bot.core import Origin, Posted, Request
 from bot.errors import HnaasError, PostError
-from bot.render import RenderLimits
+from bot.render import RenderLimits, neutralise_mentions
 
 if TYPE_CHECKING:
     from bot.core import Core
@@ -62,9 +62,6 @@ THREAD_ALREADY_EXISTS = 160004
 
 NO_MENTIONS = discord.AllowedMentions.none()
 LINK = re.compile(r"https?://\S+", re.IGNORECASE)
-ZWSP = "\u200b"
-_MASS_MENTION = re.compile(r"@(everyone|here)\b")
-_ID_MENTION = re.compile(r"<(@[!&]?|#)(\d+)>")  # users, roles, channels
 
 # Exactly what the bot needs, nothing more. Manage Messages is left out on purpose: the Delete button and purges
 # remove only the bot's own messages, one by one, which a bot may always do; bulk delete (which would need it) is
@@ -86,18 +83,9 @@ def invite_url(application_id: int | str) -> str:
                                    scopes=("bot", "applications.commands"))
 
 
-def neutralise_mentions(text: str) -> str:
-    """Defuse ``@everyone``, ``@here``, ``<@id>``, ``<@&id>`` and ``<#id>`` with a zero-width space.
-
-    ``allowed_mentions=none`` already stops pings; this is the second line of defence, and it also keeps generated
-    text from rendering as a member's or a channel's name. Idempotent.
-    """
-    text = _MASS_MENTION.sub("@" + ZWSP + r"\1", text)
-    return _ID_MENTION.sub("<" + ZWSP + r"\1\2>", text)
-
-
 def message_content(text: str) -> str:
     """What is sent for a rendered text: mentions defused, never more than Discord's 2000 characters."""
+    # The renderer already defused mentions; doing it again here is the last line of defence (and idempotent).
     content = neutralise_mentions(text) or "\N{HORIZONTAL ELLIPSIS}"
     if len(content) > MAX_CONTENT:
         # The renderer splits at RENDER_MAX_CHARS, so only text dense with mentions gets here.

@@ -22,35 +22,11 @@ from bot.queue import (
 )
 
 
-class FakeClock:
-    def __init__(self, now: float = 1_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 def new_job(requester: str = "u1", title: str | None = "Show HN: A tiny Lisp", **changes) -> NewJob:
     values = dict(platform="console", channel_id="c1", requester_id=requester, input=title or "https://x.test/a",
                   seed=42, temperature=0.9, top_p=0.95, top_k=0, max_new_tokens=100, max_attempts=3, title=title)
     values.update(changes)
     return NewJob(**values)
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-async def queue(tmp_path, clock):
-    q = await Queue.open(tmp_path / "queue.sqlite3", clock=clock, max_queued_per_requester=100,
-                         max_queued_total=1000)
-    yield q
-    await q.close()
 
 
 async def claim(q: Queue, owner: str = "w1", limit: int = 8, budget: int = 100_000, lease: float = 60.0,

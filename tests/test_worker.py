@@ -7,8 +7,6 @@ import asyncio
 import contextlib
 import json
 
-import pytest
-
 from bot.queue import GAVE_UP, JobStatus, NewJob, Queue
 from bot.settings import Settings
 from bot.worker import NO_USABLE_OUTPUT, Worker, next_seed
@@ -21,16 +19,6 @@ EMPTY = "<|ec|>"  # the opened comment closed with no text: nothing usable
 SETTINGS = Settings(batch_size=4, token_budget=100_000, max_new_tokens=100, generation_retries=2, max_attempts=3,
                     lease_seconds=60.0, worker_poll_seconds=30.0)
 
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class FakeEngine:
@@ -95,18 +83,6 @@ def new_job(title: str = "Show HN: A tiny Lisp", requester: str = "u1", **change
                   url="https://example.com/lisp")
     values.update(changes)
     return NewJob(**values)
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-async def queue(tmp_path, clock):
-    q = await Queue.open(tmp_path / "queue.sqlite3", clock=clock, max_queued_per_requester=100)
-    yield q
-    await q.close()
 
 
 async def test_burst_generates_and_publishes(queue):

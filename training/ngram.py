@@ -32,14 +32,14 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from model.format import CLOSE, END_OF_TEXT, OPEN, encode_thread
 from model.tree import Thread, read_jsonl
+from training.encode import stories
 
 TAG_CHARS = {END_OF_TEXT: "\ue000", OPEN: "\ue001", CLOSE: "\ue002"}  # private-use characters stand for the tags
 UNK = 0  # id of characters never seen in training (or beyond the 65,535 the ids hold)
@@ -307,20 +307,6 @@ def thread_stream(threads: Sequence[Thread]) -> tuple[str, np.ndarray, np.ndarra
     return "".join(texts), np.concatenate(kinds), np.concatenate(sizes), comments
 
 
-def read_corpus(path: str | Path, chunk_chars: int = 1 << 24) -> Iterator[str]:
-    """A corpus text file in chunks that end at a story boundary (so no tag is split)."""
-    pending = ""
-    with open(path, encoding="utf-8") as f:
-        while chunk := f.read(chunk_chars):
-            pending += chunk
-            cut = pending.rfind(END_OF_TEXT)
-            if cut > 0:
-                yield pending[:cut]
-                pending = pending[cut:]
-    if pending:
-        yield pending
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train", required=True, help="corpus text (stories joined by <|endoftext|>)")
@@ -331,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if args.verbose else None
     t0 = time.time()
-    model = CharKN(args.order).train(read_corpus(args.train), max_chars=args.max_train_chars, log=log)
+    model = CharKN(args.order).train(stories(args.train), max_chars=args.max_train_chars, log=log)
     if log:
         log(f"trained on {model.train_chars:,} characters in {time.time() - t0:.0f} s")
     for path in args.eval:
