@@ -32,7 +32,7 @@ class ConsolePoster:
     def __init__(self, out: TextIO, width: int | None = None) -> None:
         self.out = out
         self.width = width or min(100, shutil.get_terminal_size((100, 24)).columns)
-        self._threads: dict[int, list[str]] = {}
+        self._threads: dict[int, dict[str, str]] = {}
 
     async def post(self, job: Job, message: RenderedMessage, *, thread_ref: str | None,
                    reply_to: str | None) -> Posted:
@@ -42,8 +42,17 @@ class ConsolePoster:
             block = [lines[0]] + ["  " + line for line in lines[1:]]
         else:
             block = [indent + lines[0]] + [self._wrap(line, indent) for line in lines[1:]]
-        self._threads.setdefault(job.id, []).append("\n".join(block))
+        blocks = self._threads.setdefault(job.id, {})  # message key -> printed block, in posting order
+        blocks[message.key] = "\n".join(block)
         return Posted(message_id=f"{job.id}:{message.key}", thread_ref=f"console:{job.id}")
+
+    async def edit(self, job: Job, message_id: str, message: RenderedMessage) -> None:
+        """The header streamed before the comment count was known: replace it before the thread is printed."""
+        blocks = self._threads.get(job.id, {})
+        key = message_id.split(":", 1)[1]
+        if key in blocks:
+            lines = message.text.split("\n")
+            blocks[key] = "\n".join([lines[0]] + ["  " + line for line in lines[1:]])
 
     def _wrap(self, line: str, indent: str) -> str:
         if not line.strip():
@@ -53,8 +62,8 @@ class ConsolePoster:
 
     async def notify(self, job: Job, event: str, text: str) -> None:
         if event == "done":
-            thread = self._threads.pop(job.id, [])
-            self._print(f"\n── #{job.id} ──\n" + "\n\n".join(thread) + "\n")
+            thread = self._threads.pop(job.id, {})
+            self._print(f"\n── #{job.id} ──\n" + "\n\n".join(thread.values()) + "\n")
         elif event == "failed":
             self._threads.pop(job.id, None)
             self._print(f"✗ #{job.id} ({job.title or job.input}): {text}")

@@ -253,7 +253,7 @@ class Core:
             await self._post_all(poster, job, messages, posted)
 
     def _story(self, job: Job) -> Story:
-        return Story(job.title or job.input, job.url, job.seed)
+        return Story(job.title or job.input, job.url, job.seed, job.note)
 
     def _lock(self, job_id: int) -> asyncio.Lock:
         return self._publishing.setdefault(job_id, asyncio.Lock())

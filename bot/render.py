@@ -41,6 +41,7 @@ class Story:
     title: str
     url: str | None
     seed: int
+    note: str | None = None  # e.g. why the title came from the link: shown under the header
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,9 @@ def header_text(story: Story, comment_count: int | None, limits: RenderLimits) -
     if story.url:
         lines.append(f"<{story.url}>" if limits.markup == "markdown" else story.url)
     lines.append(label)
+    if story.note:
+        note = _safe(story.note, limits.markup)
+        lines.append({"markdown": f"-# ⚠ {note}", "mrkdwn": f"_⚠ {note}_"}.get(limits.markup, f"(⚠ {note})"))
     return _fit("\n".join(lines), limits.max_chars)
 
 

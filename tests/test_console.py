@@ -29,7 +29,9 @@ async def test_console_session_end_to_end(settings):
     out = io.StringIO()
     typed = SlowLines("Show HN: A tiny Lisp\nhttps://news.ycombinator.com/item?id=8863\n/status\n/cancel x\n")
     try:
-        async with App(settings.replace(hn_api_base=base), engine=ScriptedEngine(delay=0.2)) as app:
+        # Streamed comments: the header is posted before the count is known and edited once it is.
+        engine = ScriptedEngine(delay=0.2, stream_delay=0.01)
+        async with App(settings.replace(hn_api_base=base), engine=engine) as app:
             assert await chat(app, stdin=typed, out=out) == 0
             jobs = await app.queue.list_jobs()
     finally:
@@ -43,7 +45,7 @@ async def test_console_session_end_to_end(settings):
     assert text.count("AI-generated discussion") == 2
     thread = text[text.index("▲ My YC app"):]
     assert "\n      " in thread  # replies are indented under their parents
-    assert " points by " in thread and "comments" in thread
+    assert " points by " in thread and " comments\n" in thread.split("\n\n")[0]
 
 
 async def test_console_with_the_real_engine(settings):

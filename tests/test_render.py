@@ -128,3 +128,9 @@ def test_any_tree_renders_within_limits_and_mirrors_the_tree(comments, max_chars
     expected = {("c" + ".".join(map(str, p))): ("c" + ".".join(map(str, p[:-1])) if len(p) > 1 else None)
                 for p, _ in thread.walk()}
     assert rebuild(messages) == expected
+
+
+def test_a_resolution_note_is_shown_under_the_header():
+    story = Story("Example", "https://example.com/x", 1, note="Couldn't read that page, so the title comes from the link.")
+    for limits, mark in ((DISCORD, "-# ⚠ Couldn't"), (SLACK, "_⚠ Couldn't"), (CONSOLE, "(⚠ Couldn't")):
+        assert mark in render_thread(Thread("Example", None, []), story, limits)[0].text
