@@ -1,6 +1,7 @@
 """The engine against a tiny random-weight GPT-2 built offline (CPU, fp32)."""
 
 import asyncio
+import contextlib
 import shutil
 import threading
 import time
@@ -14,6 +15,7 @@ from bot.errors import ModelNotInstalled
 from model.engine import (
     CANDIDATES,
     STREAM_EVERY,
+    CachedGPT2,
     Engine,
     GenerationRequest,
     GenerationResult,
@@ -21,7 +23,7 @@ from model.engine import (
     sample_tokens,
 )
 from model.format import CLOSE, END_OF_TEXT, OPEN
-from model.tiny import SHAPES, build_tiny_checkpoint, gpt2_config
+from model.tiny import SHAPES, build_tiny_checkpoint, build_tokenizer, gpt2_config
 
 PROMPTS = [
     "Show HN: A tiny search engine",
@@ -301,3 +303,320 @@ def test_settings_are_validated():
     for bad in (dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1), dict(max_new_tokens=0)):
         with pytest.raises(ValueError):
             SamplingSettings(**bad)
+
+
+# ----- the forward pass against transformers -----
+
+def _hf_last_logits(model, seqs: list[list[int]], vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token logits per sequence: each alone (no cache, no padding), and all together left-padded."""
+    alone = torch.stack([model(torch.tensor([s])).logits[0, -1, :vocab] for s in seqs])
+    width = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s)
+        mask[i, width - len(s):] = 1
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    padded = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits[:, -1, :vocab]
+    return alone, padded
+
+
+@pytest.mark.parametrize("untied", [False, True])
+def test_forward_matches_transformers(tiny_path, tmp_path, untied):
+    """CachedGPT2 (prefill of ragged groups, decode steps at ragged positions, a slot move) vs transformers."""
+    path = tiny_path
+    if untied:  # an untied output layer and a padded embedding: the other weight layout
+        path = build_tiny_checkpoint(tmp_path / "untied", vocab_size=640, seed=3)
+        model = GPT2LMHeadModel.from_pretrained(path)
+        model.config.tie_word_embeddings = False
+        model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight) * 0.1)
+    else:
+        model = GPT2LMHeadModel.from_pretrained(path)
+    model.eval()
+    tokenizer = build_tokenizer()
+    vocab = len(tokenizer)
+    seqs = [tokenizer.encode(p) for p in PROMPTS] + [tokenizer.encode("Ask HN: why?")]
+    forward = CachedGPT2(model, slots=6, vocab=vocab)
+    with torch.inference_mode():
+        ours = torch.cat([forward.prefill(0, seqs[:3]), forward.prefill(3, seqs[3:])])
+        alone, padded = _hf_last_logits(model, seqs, vocab)
+        assert (ours - alone).abs().max() < 1e-4 and (ours - padded).abs().max() < 1e-4
+        gen = torch.Generator().manual_seed(0)
+        for step in range(6):
+            if step == 3:  # row 1 leaves; the last row moves into its slot, as the engine does
+                forward.move(len(seqs) - 1, 1, len(seqs[-1]))
+                seqs[1] = seqs.pop()
+            tokens = torch.randint(0, vocab, (len(seqs),), generator=gen)
+            positions = torch.tensor([len(s) for s in seqs])
+            for s, t in zip(seqs, tokens.tolist(), strict=True):
+                s.append(t)
+            ours = forward.decode(tokens, positions)
+            alone, padded = _hf_last_logits(model, seqs, vocab)
+            assert (ours - alone).abs().max() < 1e-4, step
+            assert (ours - padded).abs().max() < 1e-4, step
+    assert forward.capacity >= max(len(s) for s in seqs) and forward.k.shape[1] == 6
+
+
+def test_cache_grows_without_losing_entries(tiny_path):
+    model = GPT2LMHeadModel.from_pretrained(tiny_path).eval()
+    forward = CachedGPT2(model, slots=2)
+    with torch.inference_mode():
+        forward.prefill(0, [[5, 6, 7]])
+        before = forward.k[:, 0, :, :3].clone()
+        forward.reserve(300)
+        assert forward.capacity == 384 and torch.equal(forward.k[:, 0, :, :3], before)
+        with pytest.raises(ValueError):
+            forward.reserve(513)
+
+
+# ----- continuous batching and streaming -----
+
+def _long(n: int) -> SamplingSettings:
+    return SamplingSettings(max_new_tokens=n, ignore_eos=True)
+
+
+async def test_short_request_joins_a_running_batch_and_finishes_first(engine):
+    done: list[str] = []
+    started = asyncio.Event()
+    long_request = GenerationRequest(PROMPTS[1], 5, _long(300))
+    long_task = engine.submit(long_request, on_text=lambda _: started.set())
+    long_task.add_done_callback(lambda _: done.append("long"))
+    await started.wait()  # the long request is decoding
+    short_request = GenerationRequest(PROMPTS[0], 6, _long(10))
+    short = await engine.submit(short_request)
+    done.append("short")
+    long_result = await long_task
+    assert done == ["short", "long"]
+    assert short == (await engine.generate([short_request]))[0]  # joining mid-batch changes nothing
+    assert long_result == (await engine.generate([long_request]))[0]
+    assert long_result.new_tokens == 300 and not long_result.finished and short.new_tokens == 10
+
+
+async def test_slots_free_up_for_waiting_requests(tiny_path):
+    engine = Engine(tiny_path, threads=1, max_batch=2)
+    await engine.start()
+    widths: list[int] = []
+    step = engine._step
+
+    def counting_step() -> None:
+        widths.append(len(engine._rows))
+        step()
+
+    engine._step = counting_step
+    try:
+        requests = [GenerationRequest(PROMPTS[0], 1, _long(200)), GenerationRequest(PROMPTS[1], 2, _long(5)),
+                    GenerationRequest(PROMPTS[2], 3, _long(5)), GenerationRequest(PROMPTS[3], 4, _long(5))]
+        order: list[int] = []
+        futures = [engine.submit(r) for r in requests]
+        for i, f in enumerate(futures):
+            f.add_done_callback(lambda _, i=i: order.append(i))
+        results = await asyncio.gather(*futures)
+        assert order == [1, 2, 3, 0]  # the short ones took turns in the second slot while the long one ran
+        assert max(widths) == 2 and engine.in_flight == 0
+        alone = [(await engine.generate([r]))[0] for r in requests]
+        assert results == alone
+    finally:
+        await engine.close()
+
+
+async def test_token_budget_bounds_the_batch(tiny_path):
+    budget = 150
+    engine = Engine(tiny_path, threads=1, token_budget=budget)
+    await engine.start()
+    used: list[int] = []
+    step = engine._step
+
+    def counting_step() -> None:
+        used.append((len(engine._rows), sum(row.cost for row in engine._rows)))
+        step()
+
+    engine._step = counting_step
+    try:
+        results = await engine.generate(_requests(sampling=_long(60)))
+        assert all(r.new_tokens == 60 for r in results)
+        assert all(cost <= budget or rows == 1 for rows, cost in used)
+        assert max(rows for rows, _ in used) < len(PROMPTS) and len(used) > 60  # never all four at once
+        (big,) = await engine.generate([GenerationRequest(PROMPTS[0], 0, _long(budget + 10))])
+        assert big.new_tokens == budget + 10  # alone, a request larger than the budget still runs
+    finally:
+        await engine.close()
+
+
+async def test_stream_yields_the_text_in_pieces(engine):
+    request = GenerationRequest(PROMPTS[2], 11, SamplingSettings(max_new_tokens=80))
+    pieces = [piece async for piece in engine.stream(request)]
+    (result,) = await engine.generate([request])
+    assert "".join(pieces) == result.text
+    assert len(pieces) >= min(2, result.new_tokens // STREAM_EVERY) and all(pieces)
+
+
+async def test_leaving_a_stream_early_cancels_the_request(engine):
+    request = GenerationRequest(PROMPTS[0], 12, _long(400))
+    async with contextlib.aclosing(engine.stream(request)) as pieces:
+        async for _ in pieces:
+            break
+    await asyncio.sleep(0)  # the future's done callbacks
+    assert engine.in_flight == 0
+    async for _ in engine.stream(request):  # without aclosing: closed when the generator is collected
+        break
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert engine.in_flight == 0
+    (r,) = await engine.generate([GenerationRequest("x", 1, SamplingSettings(max_new_tokens=3))])
+    assert r.new_tokens == 3 or r.finished
+
+
+async def test_cancelled_submit_frees_its_slot(engine):
+    future = engine.submit(GenerationRequest(PROMPTS[0], 13, _long(500)))
+    await asyncio.sleep(0.02)
+    future.cancel()
+    await asyncio.sleep(0)
+    assert engine.in_flight == 0
+    results = await engine.generate(_requests(sampling=SamplingSettings(max_new_tokens=5)))
+    assert len(results) == len(PROMPTS)
+
+
+async def test_ignore_eos_runs_to_the_limit(eos_engine):
+    results = await eos_engine.generate(_requests(sampling=SamplingSettings(temperature=1.0, top_p=1.0,
+                                                                            max_new_tokens=60, ignore_eos=True)))
+    assert all(r.new_tokens == 60 and not r.finished for r in results)
+
+
+async def test_an_engine_error_fails_the_batch_and_the_engine_recovers(tiny_path):
+    engine = Engine(tiny_path, threads=1)
+    await engine.start()
+    try:
+        decode = engine._model.decode
+        calls = 0
+
+        def failing(*args, **kwargs):
+            nonlocal calls
+            calls += 1
+            if calls == 3:
+                raise RuntimeError("boom")
+            return decode(*args, **kwargs)
+
+        engine._model.decode = failing
+        with pytest.raises(RuntimeError, match="boom"):
+            await engine.generate(_requests(sampling=_long(10)))
+        results = await engine.generate(_requests(sampling=_long(10)))
+        assert all(r.new_tokens == 10 for r in results) and engine.in_flight == 0
+    finally:
+        await engine.close()
+
+
+async def test_closed_engine_refuses_requests(tiny_path):
+    engine = Engine(tiny_path, threads=1)
+    await engine.start()
+    pending = engine.submit(GenerationRequest("x", 1, _long(20)))
+    await engine.close()  # waits for the running request
+    assert (await pending).new_tokens == 20
+    with pytest.raises(RuntimeError):
+        engine.submit(GenerationRequest("x", 1, _long(2)))
+
+
+# ----- the sampler at full vocabulary size -----
+
+def test_sampler_never_sorts_a_gpt2_sized_vocabulary(monkeypatch):
+    """Batch 32 over 50k tokens, flat (random-weight) and peaked logits: the top-p path must not sort."""
+    sort = torch.sort
+
+    def no_full_sort(t, *args, **kwargs):
+        assert t.shape[-1] < 1000, "a full sort"
+        return sort(t, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "sort", no_full_sort)
+    monkeypatch.setattr(torch.Tensor, "sort", no_full_sort)
+    torch.manual_seed(2)
+    rows, vocab = 32, 50_259
+    drawn = []
+    for spread in (0.55, 5.0):
+        logits = torch.randn(rows, vocab) * spread
+        temperature, top_p = torch.full((rows,), 0.9), torch.full((rows,), 0.9)
+        drawn.append((logits, sample_tokens(logits, torch.rand(rows, dtype=torch.float64), temperature,
+                                            torch.zeros(rows, dtype=torch.long), top_p)))
+    monkeypatch.undo()
+    for logits, tokens in drawn:
+        allowed, _ = _reference_keep(logits, 0.9, 0, 0.9)
+        assert allowed[torch.arange(rows), tokens].all()
+
+
+@pytest.mark.parametrize("candidates", [0, 3])  # the sort fallback for every row; a mix of both paths
+def test_sampler_fallback_matches_transformers(candidates):
+    torch.manual_seed(3)
+    vocab, n_draws = 3000, 3000
+    logits = torch.randn(1, vocab) * 0.3
+    allowed, probs = _reference_keep(logits, 1.0, 0, 0.8)
+    uniforms = (torch.arange(n_draws, dtype=torch.float64) + 0.5) / n_draws
+    tokens = sample_tokens(logits.expand(n_draws, vocab), uniforms, torch.ones(n_draws),
+                           torch.zeros(n_draws, dtype=torch.long), torch.full((n_draws,), 0.8),
+                           candidates=candidates)
+    assert allowed[0, tokens].all()
+    counts = torch.bincount(tokens, minlength=vocab).double() / n_draws
+    assert (counts - probs[0].double()).abs().max() < 2 / n_draws + 1e-4
+
+
+def test_sampler_with_masked_tokens_and_ties():
+    logits = torch.zeros(2, 1000)
+    logits[:, 0] = float("-inf")  # e.g. <|endoftext|> under ignore_eos
+    logits[1, 5:10] = 10.0  # five tied favourites holding 99 % (ties at the cut-off are all kept)
+    tokens = sample_tokens(logits, torch.tensor([0.999, 0.5], dtype=torch.float64), torch.ones(2),
+                           torch.zeros(2, dtype=torch.long), torch.tensor([0.5, 0.5]))
+    assert tokens[0] != 0 and 5 <= tokens[1] < 10
+
+
+async def test_loads_a_tokenizer_whose_unknown_token_is_end_of_text(tiny_path, tmp_path):
+    """The training pipeline's tokenizers use <|endoftext|> as their unk token: still a known special token."""
+    from transformers import AutoTokenizer
+
+    path = tmp_path / "unk"
+    shutil.copytree(tiny_path, path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.unk_token = END_OF_TEXT
+    tokenizer.save_pretrained(path)
+    engine = Engine(path, threads=1)
+    await engine.start()
+    try:
+        (r,) = await engine.generate([GenerationRequest("x", 1, SamplingSettings(max_new_tokens=3))])
+        assert r.new_tokens == 3 or r.finished
+    finally:
+        await engine.close()
+
+
+def test_forward_in_bfloat16_stays_close(tiny_path):
+    """bf16 on CPU (oneDNN/AMX matrices, matrix-vector products for one row): close to fp32 transformers."""
+    reference = GPT2LMHeadModel.from_pretrained(tiny_path).eval()
+    forward = CachedGPT2(GPT2LMHeadModel.from_pretrained(tiny_path, dtype=torch.bfloat16).eval(), slots=3)
+    tokenizer = build_tokenizer()
+    seqs = [tokenizer.encode(p) for p in PROMPTS[:3]]
+    with torch.inference_mode():
+        ours = forward.prefill(0, seqs).float()
+        alone, _ = _hf_last_logits(reference, seqs, forward.vocab)
+        assert ours.dtype == torch.float32 and (ours - alone).abs().max() < 0.05
+        for n in (3, 1):  # batched rows, then one row alone
+            tokens = torch.tensor([7, 8, 9][:n])
+            ours = forward.decode(tokens, torch.tensor([len(s) for s in seqs[:n]])).float()
+            for s, t in zip(seqs, tokens.tolist(), strict=False):
+                s.append(t)
+            alone, _ = _hf_last_logits(reference, seqs[:n], forward.vocab)
+            assert (ours - alone).abs().max() < 0.05
+            seqs = seqs[:n]
+
+
+async def test_the_kv_cache_is_allocated_once(engine):
+    await engine.generate(_requests(sampling=_long(40)))
+    k, v, capacity = engine._model.k, engine._model.v, engine._model.capacity
+    await engine.generate(_requests(seed=5, sampling=_long(40)) * 3)  # more rows, the same lengths
+    assert engine._model.k is k and engine._model.v is v and engine._model.capacity == capacity
+    assert k.shape[:3] == (2, engine.max_batch, 2) and k.shape[4] == 32  # layers, slots, heads, ..., head_dim
+
+
+def test_decode_without_a_mask_when_rows_are_level(tiny_path):
+    model = GPT2LMHeadModel.from_pretrained(tiny_path).eval()
+    forward = CachedGPT2(model, slots=3)
+    with torch.inference_mode():
+        forward.prefill(0, [[5, 6, 7], [8, 9, 10], [11, 12, 13]])
+        tokens, positions = torch.tensor([1, 2, 3]), torch.tensor([3, 3, 3])
+        masked = forward.decode(tokens, positions, 4)
+        plain = forward.decode(tokens, positions, 4, ragged=False)
+    assert torch.equal(masked, plain) or (masked - plain).abs().max() < 1e-6
