@@ -52,15 +52,23 @@ def open_text(path: str):
 
 
 def _json_lines(path: str, stats: ImportStats) -> Iterator[tuple[int, Any]]:
+    for number, _, value in _json_lines_raw(path, stats):
+        yield number, value
+
+
+def _json_lines_raw(path: str, stats: ImportStats) -> Iterator[tuple[int, str, Any]]:
+    """(line number, the line as read, its JSON value) for each non-blank line; bad JSON is counted and skipped."""
     with open_text(path) as lines:
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             stats.lines += 1
             try:
-                yield number, json.loads(line)
+                value = json.loads(line)
             except json.JSONDecodeError as error:
                 stats.problem(f"{path}:{number}", f"bad JSON ({error.msg})")
+                continue
+            yield number, line, value
 
 
 def _write(store: ItemStore, rows: Iterable[tuple], stats: ImportStats, batch: int,
@@ -246,23 +254,18 @@ def import_threads(store: ItemStore, paths: Iterable[str], *, source: str | None
 
     def rows() -> Iterator[tuple]:
         for path in paths:
-            with open_text(path) as lines:
-                for number, line in enumerate(lines, 1):
-                    if not line.strip():
-                        continue
-                    stats.lines += 1
-                    try:
-                        thread = json.loads(line)
-                        if not isinstance(thread, dict) or not isinstance(thread.get("title"), str):
-                            raise ValueError("a thread needs a string 'title'")
-                        own = thread.get("source")
-                        src = source or (own if isinstance(own, str) and own else "threads")
-                        items = list(thread_items(thread, thread_base_id(line)))
-                    except ValueError as error:  # JSONDecodeError included
-                        stats.problem(f"{path}:{number}", str(error))
-                        continue
-                    for item, raw in items:
-                        yield item_row(item, src, raw=json.dumps(raw, ensure_ascii=False, sort_keys=True))
+            for number, line, thread in _json_lines_raw(path, stats):
+                try:
+                    if not isinstance(thread, dict) or not isinstance(thread.get("title"), str):
+                        raise ValueError("a thread needs a string 'title'")
+                    own = thread.get("source")
+                    src = source or (own if isinstance(own, str) and own else "threads")
+                    items = list(thread_items(thread, thread_base_id(line)))
+                except ValueError as error:
+                    stats.problem(f"{path}:{number}", str(error))
+                    continue
+                for item, raw in items:
+                    yield item_row(item, src, raw=json.dumps(raw, ensure_ascii=False, sort_keys=True))
 
     _write(store, rows(), stats, batch, progress)
     return stats
