@@ -295,7 +295,7 @@ async def _engine_phase(path: Path, prompts: list[list[int]], real_text: bool, s
                     all_running.set()
             return on_text
 
-        others = [engine.submit(r, on_text=started(i)) for i, r in enumerate(requests(BUSY_OTHERS, 2 * new_tokens))]
+        others = [engine.submit(r, on_text=started(i)) for i, r in enumerate(requests(BUSY_OTHERS))]
         await all_running.wait()  # they stream their first text after 16 tokens: all are in the batch
         out["first_comment_busy_s"] = _round(await first_comment())
         for f in others:

@@ -205,14 +205,12 @@ def _sample_nucleus(x: torch.Tensor, uniforms: torch.Tensor, top_p: torch.Tensor
     rows, vocab = x.shape
     device = x.device
     hi = x.amax(-1, keepdim=True)
-    lo = torch.maximum(x.amin(-1, keepdim=True), hi - SPAN)
+    # the smallest finite logit: masked tokens (-inf, e.g. <|endoftext|> under ignore_eos) must not widen the bins
+    lo = torch.maximum(torch.nan_to_num(x, neginf=torch.inf).amin(-1, keepdim=True), hi - SPAN)
     per_bin = ((BINS - 1) / (hi - lo)).clamp(max=1e30)  # hi == lo (all equal): everything in bin 0
     e = (x - hi).exp_()  # probabilities up to one normalising factor
     bins = (x - lo).mul_(per_bin).clamp_(0, BINS - 1).trunc_()  # bin numbers, as floats
-    # (row, bin) as one index; the sum is exact in float32 (< 2**24) and cheaper than int64 arithmetic on CPU
-    flat = (bins + torch.arange(0, rows * BINS, BINS, device=device, dtype=bins.dtype).unsqueeze(1)).long()
-    hist = torch.zeros(rows * BINS, device=device, dtype=e.dtype).scatter_add_(0, flat.view(-1), e.view(-1))
-    hist = hist.view(rows, BINS)
+    hist = torch.zeros(rows, BINS, device=device, dtype=e.dtype).scatter_add_(1, bins.long(), e)
     above = hist.flip(-1).cumsum(-1).flip(-1) - hist  # mass of the bins above each bin
     target = top_p.to(e.dtype).unsqueeze(1) * hist.sum(-1, keepdim=True)
     boundary = BINS - (above < target).sum(-1, keepdim=True)  # the lowest bin that still holds a kept token

@@ -518,7 +518,8 @@ async def test_closed_engine_refuses_requests(tiny_path):
 # ----- the sampler at full vocabulary size -----
 
 def test_sampler_never_sorts_a_gpt2_sized_vocabulary(monkeypatch):
-    """Batch 32 over 50k tokens, flat (random-weight) and peaked logits: the top-p path must not sort."""
+    """Batch 32 over 50k tokens, flat (random-weight, with and without a masked token) and peaked logits: the top-p
+    path must not sort."""
     sort = torch.sort
 
     def no_full_sort(t, *args, **kwargs):
@@ -530,8 +531,10 @@ def test_sampler_never_sorts_a_gpt2_sized_vocabulary(monkeypatch):
     torch.manual_seed(2)
     rows, vocab = 32, 50_259
     drawn = []
-    for spread in (0.55, 5.0):
+    for spread, masked in ((0.55, False), (0.3, True), (5.0, False)):
         logits = torch.randn(rows, vocab) * spread
+        if masked:  # <|endoftext|> under ignore_eos: -inf must not stretch the histogram
+            logits[:, 0] = float("-inf")
         temperature, top_p = torch.full((rows,), 0.9), torch.full((rows,), 0.9)
         drawn.append((logits, sample_tokens(logits, torch.rand(rows, dtype=torch.float64), temperature,
                                             torch.zeros(rows, dtype=torch.long), top_p)))
