@@ -93,6 +93,7 @@ async def generate_thread(engine, title: str, url: str | None, seed: int, settin
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from bot.console import format_block
     from bot.render import CONSOLE, Story, render_thread
     from model.engine import Engine
 
@@ -118,9 +119,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"The model couldn't write a usable discussion ({parsed.describe()}).", file=sys.stderr)
         return 1
     for message in render_thread(thread, Story(args.title, args.url, used_seed), CONSOLE):
-        indent = "    " * max(0, message.depth - 1) + ("  " if message.depth else "")
-        print("\n".join(indent + line if i or message.depth else line
-                        for i, line in enumerate(message.text.split("\n"))))
+        print(message.text if message.depth == 0 else format_block(message))  # generate's header stays flush
         print()
     print(f"(seed {used_seed})", file=sys.stderr)
     return 0

@@ -22,6 +22,25 @@ HELP = """Paste a link, an HN item link (https://news.ycombinator.com/item?id=â€
 Commands: /status, /cancel JOB, /help, /quit (or Ctrl-D: waits for queued threads, then exits)."""
 
 
+def format_block(message: RenderedMessage, width: int | None = None) -> str:
+    """A rendered message as terminal text: the header flush left with its details under it, each comment indented
+    by its depth; with ``width``, comment paragraphs are wrapped to fit."""
+    lines = message.text.split("\n")
+    if message.depth == 0:
+        return "\n".join([lines[0]] + ["  " + line for line in lines[1:]])
+    indent = "    " * (message.depth - 1) + "  "
+
+    def body(line: str) -> str:
+        if width is None:
+            return indent + line
+        if not line.strip():
+            return ""
+        return textwrap.fill(line, width=max(40, width - len(indent)), initial_indent=indent,
+                             subsequent_indent=indent, break_long_words=False, break_on_hyphens=False)
+
+    return "\n".join([indent + lines[0]] + [body(line) for line in lines[1:]])
+
+
 class ConsolePoster:
     """Collects a job's messages and prints the thread in one piece when it is done, so that threads generated
     side by side never interleave on the screen."""
@@ -36,14 +55,8 @@ class ConsolePoster:
 
     async def post(self, job: Job, message: RenderedMessage, *, thread_ref: str | None,
                    reply_to: str | None) -> Posted:
-        indent = "    " * max(0, message.depth - 1) + ("  " if message.depth else "")
-        lines = message.text.split("\n")
-        if message.depth == 0:
-            block = [lines[0]] + ["  " + line for line in lines[1:]]
-        else:
-            block = [indent + lines[0]] + [self._wrap(line, indent) for line in lines[1:]]
         blocks = self._threads.setdefault(job.id, {})  # message key -> printed block, in posting order
-        blocks[message.key] = "\n".join(block)
+        blocks[message.key] = format_block(message, self.width)
         return Posted(message_id=f"{job.id}:{message.key}", thread_ref=f"console:{job.id}")
 
     async def edit(self, job: Job, message_id: str, message: RenderedMessage) -> None:
@@ -51,14 +64,7 @@ class ConsolePoster:
         blocks = self._threads.get(job.id, {})
         key = message_id.split(":", 1)[1]
         if key in blocks:
-            lines = message.text.split("\n")
-            blocks[key] = "\n".join([lines[0]] + ["  " + line for line in lines[1:]])
-
-    def _wrap(self, line: str, indent: str) -> str:
-        if not line.strip():
-            return ""
-        return textwrap.fill(line, width=max(40, self.width - len(indent)), initial_indent=indent,
-                             subsequent_indent=indent, break_long_words=False, break_on_hyphens=False)
+            blocks[key] = format_block(message, self.width)
 
     async def notify(self, job: Job, event: str, text: str) -> None:
         if event == "done":
