@@ -228,7 +228,8 @@ async def _engine_phase(path: Path, prompts: list[list[int]], real_text: bool, s
                                 max_new_tokens=n, **extra)
 
     def requests(b: int, n: int = new_tokens) -> list[GenerationRequest]:
-        return [GenerationRequest(texts[i % len(texts)], 1000 + i, sampling(n, ignore_eos=True)) for i in range(b)]
+        return [GenerationRequest(texts[i % len(texts)], 1000 + i, sampling(n, ignore_eos=True, constrain_tags=False))
+                for i in range(b)]
 
     try:
         await engine.generate(requests(2, 4))  # warm up

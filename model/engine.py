@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 
 from bot.errors import ModelNotInstalled
-from model.format import CLOSE, END_OF_TEXT, OPEN
+from model.format import CLOSE, END_OF_TEXT, OPEN, NextTags
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,9 @@ class SamplingSettings:
     max_new_tokens counts every generated token, the closing <|endoftext|> included.
     ignore_eos: never produce <|endoftext|> (its logit is -inf, like transformers' min_new_tokens), so the row runs
     to max_new_tokens; for benchmarks.
+    constrain_tags: sample only what keeps the thread a valid tree (`model.format.NextTags`: no stray <|ec|>, no
+    text between blocks, no end inside a comment, at most 10 replies per item, no empty comment). The model's
+    probabilities are renormalised over what is allowed; off, the sampler is transformers' exactly.
     """
 
     temperature: float = 0.9
@@ -95,6 +98,7 @@ class SamplingSettings:
     top_k: int = 0
     max_new_tokens: int = 400
     ignore_eos: bool = False
+    constrain_tags: bool = True
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0:
@@ -452,6 +456,7 @@ class _Row:
     limit: int  # max new tokens, already capped by the context
     generator: torch.Generator
     sampling: SamplingSettings
+    next_tags: NextTags | None = None  # the format's rules, when the request constrains tags
     new_ids: list[int] = field(default_factory=list)
     finished: bool = False
     streamed: int = -1  # len(new_ids) at the last on_text call (-1: never called)
@@ -662,6 +667,11 @@ class Engine:
         self._device = device
         self._eos = ids[END_OF_TEXT]
         self._tags = {ids[OPEN], ids[CLOSE]}
+        self._tag_kinds = {ids[END_OF_TEXT]: END_OF_TEXT, ids[OPEN]: OPEN, ids[CLOSE]: CLOSE}
+        self._tag_columns = torch.tensor([ids[END_OF_TEXT], ids[OPEN], ids[CLOSE]], device=device)
+        texts = tokenizer.batch_decode([[i] for i in range(self._vocab)], clean_up_tokenization_spaces=False)
+        self._blank_ids = torch.tensor([i for i, t in enumerate(texts) if not t.strip() and i not in self._tag_kinds],
+                                       dtype=torch.long, device=device)
         self._context = self._model.context
         # Per-slot state of the running rows (row i = slot i), preallocated.
         slots = self.max_batch
@@ -778,7 +788,12 @@ class Engine:
         generator = torch.Generator(device="cpu")  # CPU draws: the same numbers whatever the model's device
         generator.manual_seed(request.seed & 0xFFFF_FFFF_FFFF_FFFF)
         limit = min(request.sampling.max_new_tokens, self._context - len(ids))
-        return _Row(job, ids, limit, generator, request.sampling)
+        next_tags = None
+        if request.sampling.constrain_tags:
+            next_tags = NextTags()
+            for token in ids:
+                next_tags.feed(self._tag_kinds.get(token))
+        return _Row(job, ids, limit, generator, request.sampling, next_tags)
 
     def _join(self, rows: list[_Row]) -> None:
         """Prefill the newcomers together (right-padded, shortest first), then sample their first tokens."""
@@ -811,6 +826,8 @@ class Engine:
         s = slice(first, first + len(rows))
         if any(row.sampling.ignore_eos for row in rows):
             logits[:, self._eos].masked_fill_(self._no_eos[s], float("-inf"))
+        if any(row.next_tags is not None for row in rows):
+            self._constrain(rows, logits)
         uniforms = torch.cat([torch.rand(1, generator=row.generator, dtype=torch.float64) for row in rows])
         tokens = sample_tokens(logits, uniforms.to(self._device), self._temperature[s], self._top_k[s],
                                self._top_p[s])
@@ -821,6 +838,8 @@ class Engine:
                 row.finished = True
             else:
                 row.new_ids.append(token)
+            if row.next_tags is not None:
+                row.next_tags.feed(self._tag_kinds.get(token))
             finished = row.finished or len(row.new_ids) >= row.limit
             if row.job.on_text is not None and len(row.new_ids) > row.streamed and (
                     finished or token in self._tags or len(row.new_ids) - row.streamed >= STREAM_EVERY):
@@ -830,6 +849,36 @@ class Engine:
                 done.append(first + i)
         if done:
             self._remove(done)
+
+    def _constrain(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        """Set to -inf the logits of what the format does not allow next (`NextTags`), row by row."""
+        forbidden_tags: list[list[bool]] = []  # per row: <|endoftext|>, <|c|>, <|ec|>
+        tags_only: list[int] = []  # rows just after <|ec|>: no text
+        no_blank: list[int] = []  # rows just after <|c|>: no whitespace-only text
+        for i, row in enumerate(rows):
+            rules = row.next_tags
+            if rules is None:
+                forbidden_tags.append([False, False, False])
+                continue
+            allowed = [rules.allows(END_OF_TEXT) and not row.sampling.ignore_eos, rules.allows(OPEN),
+                       rules.allows(CLOSE)]
+            if not rules.allows_text():
+                tags_only.append(i)
+                if not any(allowed):  # only the end was allowed, and ignore_eos forbids it: the parser drops extras
+                    allowed[1] = True
+            elif not rules.allows_blank():
+                no_blank.append(i)
+            forbidden_tags.append([not a for a in allowed])
+        columns = self._tag_columns
+        mask = torch.tensor(forbidden_tags, device=logits.device)
+        logits[:, columns] = logits[:, columns].masked_fill(mask, float("-inf"))
+        if tags_only:
+            index = torch.tensor(tags_only, device=logits.device).unsqueeze(1)
+            kept = logits[index, columns]
+            logits[index.squeeze(1)] = float("-inf")
+            logits[index, columns] = kept
+        if no_blank and len(self._blank_ids):
+            logits[torch.tensor(no_blank, device=logits.device).unsqueeze(1), self._blank_ids] = float("-inf")
 
     def _remove(self, indices: list[int], *, deliver: bool = True) -> None:
         """Retire rows; the last row moves into each freed slot, so the running rows stay slots 0..n-1."""

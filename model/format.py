@@ -317,6 +317,62 @@ class ThreadParser:
         return emitted
 
 
+class NextTags:
+    """What may come next while a story is being written, so that sampling can only produce a valid tree.
+
+    The decoding-side twin of ``ThreadParser``: fed one token kind at a time (``OPEN``, ``CLOSE``, ``END_OF_TEXT``, or
+    ``None`` for text), it says which kinds the format allows next:
+      - right after ``<|c|>`` the comment's text must start: no tag, no end, and no blank text (texts are stripped);
+      - after a ``<|ec|>`` only a tag or the end: text there would belong to no comment;
+      - ``<|ec|>`` only inside a comment; ``<|endoftext|>`` only outside every comment, once a comment exists;
+      - ``<|c|>`` only while the item it would reply to (the story, at the top) has fewer than ``max_children``.
+    Some kind is always allowed, so a constrained sampler never runs out of choices.
+    """
+
+    __slots__ = ("max_children", "children", "fresh", "after_close")
+
+    def __init__(self, max_children: int = MAX_CHILDREN) -> None:
+        self.max_children = max_children
+        self.children = [0]  # replies so far of each open item: the story first, then each open comment
+        self.fresh = False  # just after <|c|>: the comment has no text yet
+        self.after_close = False  # just after <|ec|>
+
+    @property
+    def depth(self) -> int:
+        return len(self.children) - 1
+
+    def feed(self, kind: str | None) -> None:
+        if kind == OPEN:
+            self.children[-1] += 1
+            self.children.append(0)
+            self.fresh, self.after_close = True, False
+        elif kind == CLOSE:
+            if len(self.children) > 1:
+                self.children.pop()
+            self.fresh, self.after_close = False, True
+        elif kind == END_OF_TEXT:
+            self.children = [0]
+            self.fresh = self.after_close = False
+        else:
+            self.fresh = False
+
+    def allows_text(self) -> bool:
+        return not self.after_close
+
+    def allows_blank(self) -> bool:
+        """Whitespace-only text: not as a comment's first token."""
+        return not self.after_close and not self.fresh
+
+    def allows(self, tag: str) -> bool:
+        if self.fresh:
+            return False
+        if tag == OPEN:
+            return self.children[-1] < self.max_children
+        if tag == CLOSE:
+            return self.depth > 0
+        return self.depth == 0 and self.children[0] > 0  # END_OF_TEXT
+
+
 _UNIT = re.compile(r"[^\n.!?]+[.!?]*\s*|\n")
 
 

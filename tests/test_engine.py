@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from transformers import GPT2LMHeadModel
+from transformers import AutoTokenizer, GPT2LMHeadModel
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from bot.errors import ModelNotInstalled
@@ -22,7 +22,7 @@ from model.engine import (
     SamplingSettings,
     sample_tokens,
 )
-from model.format import CLOSE, END_OF_TEXT, OPEN
+from model.format import CLOSE, END_OF_TEXT, OPEN, parse_generation, prompt
 from model.tiny import SHAPES, build_tiny_checkpoint, build_tokenizer, gpt2_config
 
 PROMPTS = [
@@ -66,6 +66,30 @@ def eos_engine(tiny_path, tmp_path_factory):
         model.transformer.ln_f.bias.fill_(1.0)
         target = torch.log(torch.tensor(EOS_P / (1 - EOS_P) * (n_vocab - 1)))
         model.transformer.wte.weight[eos] = target / n_embd  # tied to lm_head: logit(eos) = target
+    model.save_pretrained(path)
+    engine = _start(path)
+    yield engine
+    asyncio.run(engine.close())
+
+
+@pytest.fixture(scope="module")
+def tag_engine(tiny_path, tmp_path_factory):
+    """A unigram model that writes tags half the time: each of <|c|>, <|ec|>, <|endoftext|> has probability 1/6,
+    and blank tokens are likely too, so unconstrained output is full of broken structure."""
+    path = tmp_path_factory.mktemp("tags") / "ckpt"
+    shutil.copytree(tiny_path, path)
+    model = GPT2LMHeadModel.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    n_vocab, n_embd = model.transformer.wte.weight.shape
+    tags = [tokenizer.convert_tokens_to_ids(t) for t in (OPEN, CLOSE, END_OF_TEXT)]
+    blank = tokenizer.encode(" ", add_special_tokens=False)[0]
+    with torch.no_grad():
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.fill_(1.0)
+        model.transformer.wte.weight.mul_(0.01)
+        for token in tags:  # logit log(n_vocab / 5) each: with the rest near 0, three tags take about half the mass
+            model.transformer.wte.weight[token] = torch.log(torch.tensor(n_vocab / 5.0)) / n_embd
+        model.transformer.wte.weight[blank] = torch.log(torch.tensor(n_vocab / 5.0)) / n_embd
     model.save_pretrained(path)
     engine = _start(path)
     yield engine
@@ -162,12 +186,14 @@ async def test_max_new_tokens_respected(engine):
 
 
 async def test_stops_at_end_of_text(eos_engine):
+    # Raw sampling: the format's rules would forbid <|endoftext|> inside a comment.
     results = await eos_engine.generate(_requests(sampling=SamplingSettings(temperature=1.0, top_p=1.0,
-                                                                            max_new_tokens=300)))
+                                                                            max_new_tokens=300, constrain_tags=False)))
     assert all(r.finished for r in results)  # P(a row runs 300 steps without eos) = 0.9**300
     assert all(END_OF_TEXT not in r.text and r.new_tokens < 300 for r in results)
     assert len({r.new_tokens for r in results}) > 1  # rows stop independently
-    capped = await eos_engine.generate([GenerationRequest("x", s, SamplingSettings(max_new_tokens=1)) for s in range(8)])
+    capped = await eos_engine.generate([GenerationRequest("x", s, SamplingSettings(max_new_tokens=1, constrain_tags=False))
+                                        for s in range(8)])
     assert all(r.finished == (r.new_tokens == 0) for r in capped)
 
 
@@ -185,11 +211,12 @@ async def test_top_k_1_and_temperature_0_are_greedy(engine, tiny_path):
     # A batch of prompts of different lengths: greedy must match unpadded, uncached decoding token for token,
     # which checks left padding, position ids from the mask and the KV cache.
     n = 12
-    k1 = await engine.generate(_requests(sampling=SamplingSettings(top_k=1, max_new_tokens=n)))
-    t0 = await engine.generate(_requests(seed=50, sampling=SamplingSettings(temperature=0, max_new_tokens=n)))
+    k1 = await engine.generate(_requests(sampling=SamplingSettings(top_k=1, max_new_tokens=n, constrain_tags=False)))
+    t0 = await engine.generate(_requests(seed=50, sampling=SamplingSettings(temperature=0, max_new_tokens=n,
+                                                                            constrain_tags=False)))
     tokenizer = engine._tokenizer
-    for prompt, a, b in zip(PROMPTS, k1, t0, strict=True):
-        reference = _greedy_reference(tiny_path, tokenizer.encode(prompt), n)
+    for text, a, b in zip(PROMPTS, k1, t0, strict=True):
+        reference = _greedy_reference(tiny_path, tokenizer.encode(text), n)
         eos = tokenizer.convert_tokens_to_ids(END_OF_TEXT)
         if eos in reference:
             reference = reference[: reference.index(eos)]
@@ -623,3 +650,49 @@ def test_decode_without_a_mask_when_rows_are_level(tiny_path):
         masked = forward.decode(tokens, positions, 4)
         plain = forward.decode(tokens, positions, 4, ragged=False)
     assert torch.equal(masked, plain) or (masked - plain).abs().max() < 1e-6
+
+
+# ----- format-constrained sampling -----
+
+STRUCTURAL = ("stray_close", "stray_text", "after_end", "excess_children", "empty")  # not "duplicate": a content rule
+
+
+def _faults(result: GenerationResult) -> dict[str, int]:
+    parsed = parse_generation(result.text, result.finished)
+    faults = {k: parsed.problems[k] for k in STRUCTURAL if parsed.problems[k]}
+    if result.finished and (parsed.problems["unclosed"] or parsed.comment_count == 0):
+        faults["ended_badly"] = 1
+    return faults
+
+
+async def test_constrained_sampling_writes_only_valid_trees(tag_engine):
+    free = SamplingSettings(temperature=1.0, top_p=1.0, max_new_tokens=120, constrain_tags=False)
+    constrained = SamplingSettings(temperature=1.0, top_p=1.0, max_new_tokens=120)
+    titles = [prompt(f"Story number {i}") for i in range(24)]
+    unconstrained = await tag_engine.generate([GenerationRequest(t, i, free) for i, t in enumerate(titles)])
+    assert sum(bool(_faults(r)) for r in unconstrained) > 12  # the model alone breaks most trees
+    results = await tag_engine.generate([GenerationRequest(t, i, constrained) for i, t in enumerate(titles)])
+    assert [_faults(r) for r in results] == [{}] * len(results)
+    assert sum(r.finished for r in results) > 12
+    # ... and in a batch that mixes constrained and free rows, each row keeps its own rules
+    mixed = await tag_engine.generate([GenerationRequest(t, i, constrained if i % 2 else free)
+                                       for i, t in enumerate(titles)])
+    assert all(not _faults(r) for r in mixed[1::2])
+
+
+async def test_constrained_sampling_caps_replies_and_respects_the_prompt(tag_engine):
+    # The prompt already holds ten top-level comments, the last one open with a reply begun: once they close, the
+    # story can take no eleventh comment.
+    ten = "".join(f"{OPEN}comment {i}{CLOSE}" for i in range(10)).removesuffix(CLOSE) + f"{OPEN}a reply to come:"
+    opened = prompt("T").removesuffix(OPEN) + ten
+    sampling = SamplingSettings(temperature=1.0, top_p=1.0, max_new_tokens=200)
+    results = await tag_engine.generate([GenerationRequest(opened, seed, sampling) for seed in range(12)])
+    for r in results:
+        parsed = parse_generation(ten.removeprefix(OPEN) + f"{OPEN}a reply to come:" + r.text, r.finished)
+        assert not parsed.problems["excess_children"] and not parsed.problems["stray_close"]
+
+
+async def test_constrained_sampling_with_ignore_eos_runs_to_the_limit(tag_engine):
+    sampling = SamplingSettings(temperature=1.0, top_p=1.0, max_new_tokens=150, ignore_eos=True)
+    results = await tag_engine.generate([GenerationRequest(prompt("T"), seed, sampling) for seed in range(6)])
+    assert all(r.new_tokens == 150 and not r.finished for r in results)

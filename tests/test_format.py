@@ -8,6 +8,7 @@ raise and must give the same tree however its input is chunked), and against ver
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections import Counter
 
@@ -22,6 +23,7 @@ from model.format import (
     MAX_CHILDREN,
     OPEN,
     PROBLEMS,
+    NextTags,
     ParseResult,
     ThreadParser,
     _cut_loop,
@@ -570,3 +572,76 @@ def test_comment_equality():
     assert Comment("a") != "a" and Comment("a") != Thread("a")
     with pytest.raises(TypeError):
         hash(Comment("a"))
+
+
+# --- NextTags: the decoding-side rules ---------------------------------------------------------------------------
+
+_KINDS = re.compile(f"({re.escape(OPEN)}|{re.escape(CLOSE)}|{re.escape(END_OF_TEXT)})")
+
+
+def _kinds(text: str) -> list[str | None]:
+    """The story as NextTags sees it: tags, and None for each piece of text (blank text marked " ")."""
+    out: list[str | None] = []
+    for piece in _KINDS.split(text):
+        if piece in (OPEN, CLOSE, END_OF_TEXT):
+            out.append(piece)
+        elif piece:
+            out.append(" " if not piece.strip() else None)
+    return out
+
+
+def _allowed(rules: NextTags, kind: str | None) -> bool:
+    if kind is None:
+        return rules.allows_text()
+    if kind == " ":
+        return rules.allows_blank()
+    return rules.allows(kind)
+
+
+@FAST
+@given(st.lists(threads, min_size=1, max_size=3))
+def test_next_tags_allow_every_encoded_story(stories):
+    text = "".join(encode_thread(t) + END_OF_TEXT for t in stories if OPEN in encode_thread(t))
+    rules = NextTags()
+    for kind in _kinds(text):
+        assert _allowed(rules, kind), (kind, text)
+        rules.feed(None if kind == " " else kind)
+
+
+@FAST
+@given(st.lists(st.sampled_from([OPEN, CLOSE, END_OF_TEXT, None, " "]), max_size=60))
+def test_a_sequence_the_rules_allow_parses_without_a_fault(choices):
+    """Whatever a sampler picks among the allowed kinds, the result parses as a clean tree."""
+    rules, parts = NextTags(), [prompt("A title")]
+    rules.feed(OPEN)
+    for n, kind in enumerate(choices):
+        if not _allowed(rules, kind):
+            continue
+        parts.append({OPEN: OPEN, CLOSE: CLOSE, END_OF_TEXT: END_OF_TEXT, " ": " ", None: f"text {n}."}[kind])
+        rules.feed(None if kind == " " else kind)
+        if kind == END_OF_TEXT:
+            break
+    generated = "".join(parts).removeprefix(prompt("A title"))
+    finished = generated.endswith(END_OF_TEXT)
+    result = fmt.parse_generation(generated.removesuffix(END_OF_TEXT), finished)
+    faults = {k: v for k, v in result.problems.items() if k not in ("truncated", "unclosed") and v}
+    assert not faults, generated
+    assert not finished or (result.comment_count >= 1 and not result.problems["unclosed"])
+
+
+def test_next_tags_rules():
+    rules = NextTags(max_children=2)
+    assert rules.allows_text() and rules.allows(OPEN)  # the header
+    assert not rules.allows(CLOSE) and not rules.allows(END_OF_TEXT)  # no comment yet
+    rules.feed(OPEN)
+    assert rules.fresh and not any(rules.allows(t) for t in (OPEN, CLOSE, END_OF_TEXT)) and not rules.allows_blank()
+    rules.feed(None)
+    assert rules.allows(OPEN) and rules.allows(CLOSE) and not rules.allows(END_OF_TEXT) and rules.allows_blank()
+    rules.feed(CLOSE)
+    assert not rules.allows_text() and rules.allows(END_OF_TEXT) and rules.allows(OPEN) and not rules.allows(CLOSE)
+    rules.feed(OPEN)
+    rules.feed(None)
+    rules.feed(CLOSE)
+    assert rules.children == [2] and not rules.allows(OPEN) and rules.allows(END_OF_TEXT)  # the story is full
+    rules.feed(END_OF_TEXT)
+    assert rules.children == [0] and rules.allows_text() and not rules.allows(END_OF_TEXT)

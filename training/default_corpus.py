@@ -7,6 +7,9 @@ Decisions, and why:
   thread), 2,000 parent -> reply pairs (a two-comment chain), 1,000 random comments and the 2025 front-page comments
   (one-comment threads: their titles and parents are unknown, so they get an empty title rather than a false one).
   HN text is small next to Reddit, so it is repeated ``hn_repeat`` times in the training split.
+- Curriculum: the model first trains on that whole mix, then continues on an HN-heavy mix (``--reddit-fraction 0.25
+  --hn-repeat 1``: a quarter of the Reddit threads keep the tree structure alive while HN's voice dominates). Both mixes
+  share the same validation splits, so their figures compare.
 - Validation: 2 % of Reddit threads by a hash of the title, and the complete "IBM acquires Red Hat" HN thread
   (Algolia), never trained on, cut into threads of at most 10 top-level comments under the same title, so held-out
   HN comments are scored given their real title and ancestors.
@@ -88,12 +91,17 @@ def in_validation(thread: Thread, fraction: float) -> bool:
     return int.from_bytes(digest[:4], "big") < fraction * 2**32
 
 
-def build(out: Path, shared: Path = SHARED, *, val_fraction: float = 0.02, hn_repeat: int = 2, seed: int = 0) -> dict:
+def build(out: Path, shared: Path = SHARED, *, val_fraction: float = 0.02, hn_repeat: int = 2,
+          reddit_fraction: float = 1.0, seed: int = 0) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     train: list[Thread] = []
     val_reddit: list[Thread] = []
+    keep = random.Random(seed + 1)
     for thread in reddit_threads(shared):
-        (val_reddit if in_validation(thread, val_fraction) else train).append(thread)
+        if in_validation(thread, val_fraction):
+            val_reddit.append(thread)
+        elif keep.random() < reddit_fraction:
+            train.append(thread)
     hn = list(hn_story_texts(shared)) + list(hn_comment_threads(shared))
     train += hn * hn_repeat
     random.Random(seed).shuffle(train)
@@ -114,8 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shared", type=Path, default=SHARED)
     parser.add_argument("--val-fraction", type=float, default=0.02)
     parser.add_argument("--hn-repeat", type=int, default=2)
+    parser.add_argument("--reddit-fraction", type=float, default=1.0, help="share of Reddit training threads kept")
     args = parser.parse_args(argv)
-    print(json.dumps(build(args.out, args.shared, val_fraction=args.val_fraction, hn_repeat=args.hn_repeat)))
+    print(json.dumps(build(args.out, args.shared, val_fraction=args.val_fraction, hn_repeat=args.hn_repeat,
+                           reddit_fraction=args.reddit_fraction)))
     return 0
 
 

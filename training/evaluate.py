@@ -422,6 +422,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, help="generation length (default: the bot's setting)")
     parser.add_argument("--temperature", type=float, help="(default: the bot's setting)")
     parser.add_argument("--top-p", type=float, help="(default: the bot's setting)")
+    parser.add_argument("--unconstrained", action="store_true",
+                        help="sample without the format's tag rules (what the model alone does)")
     parser.add_argument("--seed", type=int, default=0, help="seed for drawing threads and for sampling")
     parser.add_argument("--topicality", action="store_true", help="embedding topicality of the samples")
     parser.add_argument("--topicality-real", action="store_true", help="the same for the data threads themselves")
@@ -453,10 +455,11 @@ def main(args: argparse.Namespace) -> int:
     if args.samples:
         chosen = pick_threads(data, args.samples, args.seed)
         sampling = default_sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                    top_p=args.top_p)
+                                    top_p=args.top_p, constrain_tags=False if args.unconstrained else None)
         samples = asyncio.run(_sample(args, chosen, sampling))
         report["sampling"] = {"temperature": sampling.temperature, "top_p": sampling.top_p,
-                              "top_k": sampling.top_k, "max_new_tokens": sampling.max_new_tokens, "seed": args.seed}
+                              "top_k": sampling.top_k, "max_new_tokens": sampling.max_new_tokens, "seed": args.seed,
+                              "constrain_tags": sampling.constrain_tags}
         report.update(sample_stats(s.continuation for s in samples))
         report["mean_new_tokens"] = float(np.mean([s.new_tokens for s in samples]))
         report["reference"] = sample_stats(real_continuation(t) for t in chosen)

@@ -54,25 +54,32 @@ class TrainConfig:
     eval_every: int = 250
     eval_batches: int = 40
     checkpoint_every: int = 250
-    max_minutes: float = 0.0  # stop (and checkpoint) after this wall time; 0 = no limit
+    max_minutes: float = 0.0  # stop (and checkpoint) after this much training time, summed over resumptions; 0 = none
     seed: int = 1337
     threads: int = 0  # torch CPU threads; 0 = torch's default
     device: str = ""  # "" = cuda when available
+    precision: str = "auto"  # "bf16" autocast, "fp32", or "auto": bf16 on CUDA and on CPUs with native bf16 (AMX)
 
 
 def run_name(config: TrainConfig) -> str:
     """A name that says what the run is, plus a short hash of everything else."""
     if config.run_name:
         return config.run_name
-    shape = "ft-" + Path(config.init).name if config.init != "scratch" else f"{config.n_layer}L{config.n_embd}d"
+    base = Path(config.init)
+    base_name = base.parent.name if base.name == "best" else base.name  # runs/<name>/best -> <name>
+    shape = "ft-" + base_name if config.init != "scratch" else f"{config.n_layer}L{config.n_embd}d"
     blob = json.dumps(dataclasses.asdict(config), sort_keys=True).encode()
     return f"{Path(config.data).name}-{shape}-ctx{config.block_size}-lr{config.lr:g}-{hashlib.sha1(blob).hexdigest()[:6]}"
 
 
-def lr_at(step: int, c: TrainConfig) -> float:
+def lr_at(step: int, c: TrainConfig, elapsed_s: float = 0.0) -> float:
+    """Linear warmup, then cosine decay to ``min_lr`` at ``max_steps`` or at ``max_minutes``, whichever comes first,
+    so a run cut short by its time budget still ends on a decayed learning rate rather than mid-schedule."""
     if step < c.warmup_steps:
         return c.lr * (step + 1) / c.warmup_steps
     progress = min(1.0, (step - c.warmup_steps) / max(1, c.max_steps - c.warmup_steps))
+    if c.max_minutes:
+        progress = max(progress, min(1.0, elapsed_s / (c.max_minutes * 60)))
     return c.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (c.lr - c.min_lr)
 
 
@@ -111,7 +118,24 @@ class Batches:
         return window[:, :-1], window[:, 1:]
 
 
-RESUME_OVERRIDABLE = ("max_steps", "max_minutes", "threads", "device", "eval_every", "checkpoint_every")
+RESUME_OVERRIDABLE = ("max_steps", "max_minutes", "threads", "device", "precision", "eval_every", "checkpoint_every")
+
+
+def use_bf16(c: TrainConfig, device) -> bool:
+    if c.precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"precision must be auto, bf16 or fp32, not {c.precision!r}")
+    if c.precision != "auto":
+        return c.precision == "bf16"
+    return device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+
+
+def cpu_has_native_bf16() -> bool:
+    """AMX or AVX512-BF16: without them bf16 autocast on CPU is emulated and slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def train(c: TrainConfig | None = None, *, resume: str | None = None, overrides: dict | None = None,
@@ -151,7 +175,7 @@ def train(c: TrainConfig | None = None, *, resume: str | None = None, overrides:
         [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=c.lr, betas=(0.9, c.beta2), fused=device.type == "cuda",
     )
-    step, best_val = 0, float("inf")
+    step, best_val, elapsed_before = 0, float("inf"), 0.0
     train_batches = Batches(data / "train.bin", c.block_size, c.batch_size, c.seed)
     ckpt_path = run_dir / "ckpt.pt"
     if resume and ckpt_path.exists():
@@ -159,9 +183,12 @@ def train(c: TrainConfig | None = None, *, resume: str | None = None, overrides:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, best_val = state["step"], state["best_val"]
+        elapsed_before = state.get("elapsed_s", 0.0)
         train_batches.rng = np.random.default_rng([c.seed, step])  # fresh windows, not a replay of the first ones
         log(f"resumed {run_dir} at step {step} (best val {best_val:.4f})")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _nullcontext()
+    bf16 = use_bf16(c, device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else _nullcontext()
+    log(f"training on {device}{' with bf16 autocast' if bf16 else ' in fp32'}")
     mlflow = _mlflow(run_dir, c)
 
     def evaluate() -> float:
@@ -179,15 +206,19 @@ def train(c: TrainConfig | None = None, *, resume: str | None = None, overrides:
     def save(reason: str) -> None:
         tmp = ckpt_path.with_suffix(".tmp")
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                    "best_val": best_val, "config": dataclasses.asdict(c)}, tmp)
+                    "best_val": best_val, "elapsed_s": elapsed(), "config": dataclasses.asdict(c)}, tmp)
         os.replace(tmp, ckpt_path)  # atomic, so a kill mid-save never leaves a broken checkpoint
 
     start = time.time()
+
+    def elapsed() -> float:  # training time over all resumptions of this run
+        return elapsed_before + time.time() - start
+
     model.train()
     tokens_per_step = c.batch_size * c.block_size * c.grad_accum
     last_log = time.time()
     while step < c.max_steps:
-        lr = lr_at(step, c)
+        lr = lr_at(step, c, elapsed())
         for group in optimizer.param_groups:
             group["lr"] = lr
         total = 0.0
@@ -206,11 +237,11 @@ def train(c: TrainConfig | None = None, *, resume: str | None = None, overrides:
             log(f"step {step} loss {total:.4f} lr {lr:.2e} |g| {norm:.2f} "
                 f"{tokens_per_step * 10 / (now - last_log):.0f} tok/s")
             last_log = now
-        done = step >= c.max_steps or (c.max_minutes and time.time() - start > c.max_minutes * 60)
+        done = step >= c.max_steps or (c.max_minutes and elapsed() > c.max_minutes * 60)
         if step % c.eval_every == 0 or done:
             val = evaluate()
             record = {"step": step, "train_loss": total, "val_loss": val, "lr": lr, "tokens": step * tokens_per_step,
-                      "elapsed_s": round(time.time() - start, 1), "time": time.time()}
+                      "elapsed_s": round(elapsed(), 1), "time": time.time()}
             with open(run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             if mlflow:
@@ -231,8 +262,44 @@ def train(c: TrainConfig | None = None, *, resume: str | None = None, overrides:
 def _loss(model, x, y):
     import torch.nn.functional as F
 
-    logits = model(input_ids=x).logits
+    logits = gpt2_logits(model, x) if fast_path_ok(model.config) else model(input_ids=x).logits
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
+
+
+def fast_path_ok(config) -> bool:
+    """Whether ``gpt2_logits`` computes exactly what this model's own forward does."""
+    return (config.model_type == "gpt2" and config.activation_function == "gelu_new" and config.scale_attn_weights
+            and not config.scale_attn_by_inverse_layer_idx and not config.reorder_and_upcast_attn
+            and getattr(config, "add_cross_attention", False) is False)
+
+
+def gpt2_logits(model, input_ids):
+    """GPT-2's training forward over the Hugging Face model's own parameters, with causal flash attention.
+
+    Hugging Face's forward builds an explicit attention mask, which sends CPU attention down the slow math kernel; with
+    ``is_causal`` PyTorch uses its fused kernel instead. On this 2-core CPU (4 layers x 256, 8 x 1024 tokens) a step is
+    1.4x faster in fp32 and 4x faster under bf16 autocast. Optimizer, checkpoints and ``save_pretrained`` stay the
+    model's own, because the parameters are."""
+    import torch
+    import torch.nn.functional as F
+
+    cfg, t = model.config, model.transformer
+    batch, length = input_ids.shape
+    width, heads, eps, training = cfg.n_embd, cfg.n_head, cfg.layer_norm_epsilon, model.training
+    positions = torch.arange(length, device=input_ids.device)
+    x = F.dropout(t.wte(input_ids) + t.wpe(positions), cfg.embd_pdrop, training)
+    for block in t.h:
+        h = F.layer_norm(x, (width,), block.ln_1.weight, block.ln_1.bias, eps)
+        qkv = torch.matmul(h, block.attn.c_attn.weight) + block.attn.c_attn.bias  # Conv1D keeps weights [in, out]
+        q, k, v = (part.view(batch, length, heads, width // heads).transpose(1, 2) for part in qkv.split(width, -1))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=cfg.attn_pdrop if training else 0.0)
+        y = torch.matmul(y.transpose(1, 2).reshape(batch, length, width), block.attn.c_proj.weight)
+        x = x + F.dropout(y + block.attn.c_proj.bias, cfg.resid_pdrop, training)
+        h = F.layer_norm(x, (width,), block.ln_2.weight, block.ln_2.bias, eps)
+        h = F.gelu(torch.matmul(h, block.mlp.c_fc.weight) + block.mlp.c_fc.bias, approximate="tanh")
+        x = x + F.dropout(torch.matmul(h, block.mlp.c_proj.weight) + block.mlp.c_proj.bias, cfg.resid_pdrop, training)
+    x = F.layer_norm(x, (width,), t.ln_f.weight, t.ln_f.bias, eps)
+    return F.linear(x, model.lm_head.weight)
 
 
 def _save_hf(model, tokenizer, path: Path) -> None:

@@ -1,0 +1,55 @@
+"""Training internals: the fast forward, the learning-rate schedule, precision."""
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from training.train import TrainConfig, fast_path_ok, gpt2_logits, lr_at, use_bf16
+
+
+def _model(**overrides) -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=300, n_positions=64, n_embd=64, n_layer=2, n_head=4, **overrides)
+    return GPT2LMHeadModel(config)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_fast_forward_matches_transformers_and_its_gradients(tied):
+    model = _model(tie_word_embeddings=tied).eval()
+    assert fast_path_ok(model.config)
+    x = torch.randint(0, 300, (3, 40))
+    expected = model(input_ids=x).logits
+    got = gpt2_logits(model, x)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    expected.square().mean().backward()
+    reference = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    gpt2_logits(model, x).square().mean().backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, reference[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_fast_forward_refuses_variants_it_does_not_compute():
+    assert not fast_path_ok(_model(scale_attn_by_inverse_layer_idx=True).config)
+    assert not fast_path_ok(_model(activation_function="relu").config)
+
+
+def test_cosine_schedule_ends_at_the_step_limit_or_the_time_limit():
+    c = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=1010)
+    assert lr_at(0, c) == pytest.approx(1e-4)  # warmup
+    assert lr_at(10, c) == pytest.approx(1e-3)
+    assert lr_at(510, c) == pytest.approx(5.5e-4)  # half way
+    assert lr_at(1010, c) == pytest.approx(1e-4)
+    timed = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=100_000, max_minutes=10)
+    assert lr_at(20, timed, elapsed_s=300) == pytest.approx(5.5e-4, rel=1e-3)  # half the time: half the decay
+    assert lr_at(20, timed, elapsed_s=600) == pytest.approx(1e-4)
+    assert lr_at(20, timed, elapsed_s=0) == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_precision_choice():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert use_bf16(TrainConfig(precision="bf16"), cpu)
+    assert not use_bf16(TrainConfig(precision="fp32"), cuda)
+    assert use_bf16(TrainConfig(precision="auto"), cuda)
+    with pytest.raises(ValueError, match="precision"):
+        use_bf16(TrainConfig(precision="fp8"), cpu)
