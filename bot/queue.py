@@ -481,11 +481,11 @@ class Queue:
     # -- the worker's side --
 
     async def claim(self, worker_id: str, *, limit: int, token_budget: int, lease_seconds: float,
-                    cost: Callable[[Job], int] = default_cost) -> list[Job]:
+                    cost: Callable[[Job], int] = default_cost, take_first: bool = True) -> list[Job]:
         """Mark up to ``limit`` of the oldest queued jobs ``running`` under a lease held by ``worker_id``.
 
-        Jobs are taken in claim order while their summed ``cost`` fits ``token_budget``; the first job is always
-        taken, however large, so a big job cannot block the queue. Taking a prefix (not filling the budget with later
+        Jobs are taken in claim order while their summed ``cost`` fits ``token_budget``; with ``take_first`` (an
+        idle worker) the first job is always taken, however large, so a big job cannot block the queue. Taking a prefix (not filling the budget with later
         small jobs) keeps the queue first come, first served. Call ``requeue_expired`` before each claim (the
         worker does), so that abandoned jobs come back first.
         """
@@ -497,7 +497,7 @@ class Queue:
             spent = 0
             for job in candidates:
                 job_cost = cost(job)
-                if chosen and spent + job_cost > token_budget:
+                if (chosen or not take_first) and spent + job_cost > token_budget:
                     break
                 chosen.append(job.id)
                 spent += job_cost

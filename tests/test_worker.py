@@ -28,16 +28,25 @@ class FakeEngine:
         self.script = list(script)
         self.default = default
         self.calls: list[list[GenerationRequest]] = []
+        self.at_once = self.most_at_once = 0  # requests being generated together
 
     async def generate(self, requests, on_text=None) -> list[GenerationResult]:
         self.calls.append(list(requests))
-        await asyncio.sleep(0)
+        self.at_once += len(requests)
+        self.most_at_once = max(self.most_at_once, self.at_once)
+        try:
+            await self.work(requests)
+        finally:
+            self.at_once -= len(requests)
         step = self.script.pop(0) if self.script else self.default
         if isinstance(step, BaseException):
             raise step
         texts = [step(r) if callable(step) else step for r in requests]
         return [GenerationResult(text=t, prompt_tokens=len(r.prompt) // 4, new_tokens=len(t) // 4, finished=True)
                 for r, t in zip(requests, texts, strict=True)]
+
+    async def work(self, requests) -> None:
+        await asyncio.sleep(0.01)
 
     @property
     def seeds(self) -> list[int]:
@@ -90,8 +99,9 @@ async def test_burst_generates_and_publishes(queue):
     engine, publish = FakeEngine(), Publisher(queue)
     worker = Worker(queue, engine, publish, SETTINGS)
     await worker.run_burst()
-    assert (worker.jobs_complete, worker.jobs_failed, worker.jobs_retried, worker.batches) == (3, 0, 0, 1)
-    [batch] = engine.calls
+    assert (worker.jobs_complete, worker.jobs_failed, worker.jobs_retried, worker.claims) == (3, 0, 0, 1)
+    assert [len(call) for call in engine.calls] == [1, 1, 1]  # one request per job: the engine batches them
+    batch = [request for call in engine.calls for request in call]
     assert [r.prompt for r in batch] == [prompt(f"Title {i}", "https://example.com/lisp") for i in range(3)]
     assert all(r.seed == 7 and r.sampling.temperature == 0.8 and r.sampling.top_p == 0.9 and r.sampling.top_k == 40
                and r.sampling.max_new_tokens == 100 for r in batch)
@@ -125,13 +135,13 @@ async def test_batch_size_and_token_budget(queue):
     engine = FakeEngine()
     worker = Worker(queue, engine, Publisher(queue), SETTINGS.replace(batch_size=2))
     await worker.run_burst()
-    assert [len(call) for call in engine.calls] == [2, 2, 1] and worker.batches == 3
+    assert worker.claims == 3 and engine.most_at_once == 2 and worker.jobs_complete == 5
     for i in range(3):
         await queue.enqueue(new_job(f"U{i}"))
     engine = FakeEngine()
     worker = Worker(queue, engine, Publisher(queue), SETTINGS.replace(token_budget=250))  # ~115 tokens a job
     await worker.run_burst()
-    assert [len(call) for call in engine.calls] == [2, 1]
+    assert worker.claims == 2 and engine.most_at_once == 2 and worker.jobs_complete == 3
 
 
 async def test_empty_output_is_retried_with_a_new_seed(queue):
@@ -143,7 +153,7 @@ async def test_empty_output_is_retried_with_a_new_seed(queue):
     stored = await queue.get(job.id)
     assert (stored.status, stored.seed, stored.generations, stored.attempts) == (
         JobStatus.DONE, next_seed(1234), 1, 0)
-    assert (worker.jobs_complete, worker.jobs_retried, worker.batches) == (1, 1, 2)
+    assert (worker.jobs_complete, worker.jobs_retried, worker.claims) == (1, 1, 2)
     assert len(publish.published) == 1
 
 
@@ -165,15 +175,15 @@ async def test_always_bad_output_fails_with_a_message(queue):
     assert events == [(job.id, "started"), (job.id, "failed")]
 
 
-async def test_engine_error_releases_the_batch_then_completes(queue):
+async def test_engine_error_releases_the_job_then_completes(queue):
     a, b = await queue.enqueue(new_job("A")), await queue.enqueue(new_job("B"))
     engine, publish = FakeEngine(RuntimeError("CUDA out of memory")), Publisher(queue)
     worker = Worker(queue, engine, publish, SETTINGS)
     await worker.run_burst()
-    assert len(engine.calls) == 2 and worker.jobs_retried == 2 and worker.jobs_complete == 2
-    for job in (a, b):
+    assert len(engine.calls) == 3 and worker.jobs_retried == 1 and worker.jobs_complete == 2
+    for job, attempts in ((a, 1), (b, 0)):
         stored = await queue.get(job.id)
-        assert (stored.status, stored.attempts, stored.seed) == (JobStatus.DONE, 1, 7)
+        assert (stored.status, stored.attempts, stored.seed) == (JobStatus.DONE, attempts, 7)
 
 
 async def test_engine_that_keeps_failing_gives_up(queue):
@@ -316,7 +326,7 @@ async def test_wake_makes_an_idle_worker_start_at_once(queue):
         await asyncio.sleep(0.05)
         await queue.enqueue(new_job())
         await asyncio.sleep(0.2)
-        assert worker.batches == 0  # no busy polling: it sleeps until woken
+        assert worker.claims == 0  # no busy polling: it sleeps until woken
         worker.wake()
         await asyncio.wait_for(publish.event.wait(), 2)
         assert worker.jobs_complete == 1
@@ -343,3 +353,86 @@ async def test_result_is_thread_json(queue):
     [job] = await queue.list_jobs()
     data = json.loads(job.result)
     assert data["url"] is None and data["comments"][1]["text"] == "Reminds me of SICP."
+
+
+class GatedEngine(FakeEngine):
+    """Holds the titles in ``held`` until ``release`` is set: a long thread next to short ones."""
+
+    def __init__(self, *held: str) -> None:
+        super().__init__()
+        self.held = set(held)
+        self.release = asyncio.Event()
+        self.finished: list[str] = []
+
+    async def work(self, requests) -> None:
+        title = requests[0].prompt.removeprefix("<|endoftext|>").split("\n", 1)[0]
+        if title in self.held:
+            await self.release.wait()
+        self.finished.append(title)
+
+
+async def _until(condition, seconds: float = 5.0) -> None:
+    for _ in range(int(seconds / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not met in time")
+
+
+async def test_a_slot_freed_by_a_short_job_takes_the_next_one_while_a_long_job_runs(queue):
+    await queue.enqueue(new_job("long"))
+    await queue.enqueue(new_job("short 1"))
+    engine, publish = GatedEngine("long"), Publisher(queue)
+    worker = Worker(queue, engine, publish, SETTINGS.replace(batch_size=2))
+    run = asyncio.create_task(worker.run())
+    try:
+        worker.wake()
+        await _until(lambda: engine.finished == ["short 1"])
+        await queue.enqueue(new_job("short 2"))  # arrives while "long" still runs, and takes short 1's slot
+        await queue.enqueue(new_job("short 3"))
+        worker.wake()
+        await _until(lambda: engine.finished == ["short 1", "short 2", "short 3"] and worker.jobs_complete == 3)
+        assert worker.running == 1 and engine.most_at_once == 2  # never more than batch_size at once
+        engine.release.set()
+        await _until(lambda: worker.jobs_complete == 4)
+        assert engine.finished[-1] == "long"
+    finally:
+        worker.stop()
+        engine.release.set()
+        await asyncio.wait_for(run, 5)
+
+
+async def test_a_job_waits_for_room_in_the_token_budget(queue):
+    await queue.enqueue(new_job("long"))
+    engine = GatedEngine("long")
+    worker = Worker(queue, engine, Publisher(queue), SETTINGS.replace(token_budget=150))  # ~115 tokens a job
+    run = asyncio.create_task(worker.run())
+    try:
+        worker.wake()
+        await _until(lambda: worker.running == 1)
+        short = await queue.enqueue(new_job("short"))
+        worker.wake()
+        await asyncio.sleep(0.1)
+        assert engine.finished == [] and (await queue.get(short.id)).status is JobStatus.QUEUED  # no room yet
+        engine.release.set()
+        await _until(lambda: worker.jobs_complete == 2)
+        assert engine.finished == ["long", "short"]
+    finally:
+        worker.stop()
+        engine.release.set()
+        await asyncio.wait_for(run, 5)
+
+
+async def test_stop_lets_running_jobs_finish(queue):
+    await queue.enqueue(new_job("long"))
+    engine, publish = GatedEngine("long"), Publisher(queue)
+    worker = Worker(queue, engine, publish, SETTINGS)
+    run = asyncio.create_task(worker.run())
+    worker.wake()
+    await _until(lambda: worker.running == 1)
+    worker.stop()
+    await asyncio.sleep(0.05)
+    assert not run.done()
+    engine.release.set()
+    await asyncio.wait_for(run, 5)
+    assert worker.jobs_complete == 1 and [j for j, _ in publish.published] == [1]
