@@ -379,14 +379,23 @@ async def _until(condition, seconds: float = 5.0) -> None:
     raise AssertionError("condition not met in time")
 
 
+@contextlib.asynccontextmanager
+async def _serving(worker: Worker):
+    run = asyncio.create_task(worker.run())
+    worker.wake()
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        worker.engine.release.set()
+        await asyncio.wait_for(run, 5)
+
+
 async def test_a_slot_freed_by_a_short_job_takes_the_next_one_while_a_long_job_runs(queue):
     await queue.enqueue(new_job("long"))
     await queue.enqueue(new_job("short 1"))
-    engine, publish = GatedEngine("long"), Publisher(queue)
-    worker = Worker(queue, engine, publish, SETTINGS.replace(batch_size=2))
-    run = asyncio.create_task(worker.run())
-    try:
-        worker.wake()
+    engine = GatedEngine("long")
+    async with _serving(Worker(queue, engine, Publisher(queue), SETTINGS.replace(batch_size=2))) as worker:
         await _until(lambda: engine.finished == ["short 1"])
         await queue.enqueue(new_job("short 2"))  # arrives while "long" still runs, and takes short 1's slot
         await queue.enqueue(new_job("short 3"))
@@ -396,20 +405,13 @@ async def test_a_slot_freed_by_a_short_job_takes_the_next_one_while_a_long_job_r
         engine.release.set()
         await _until(lambda: worker.jobs_complete == 4)
         assert engine.finished[-1] == "long"
-    finally:
-        worker.stop()
-        engine.release.set()
-        await asyncio.wait_for(run, 5)
 
 
 async def test_a_job_waits_for_room_in_the_token_budget(queue):
     await queue.enqueue(new_job("long"))
     engine = GatedEngine("long")
-    worker = Worker(queue, engine, Publisher(queue), SETTINGS.replace(token_budget=150))  # ~115 tokens a job
-    run = asyncio.create_task(worker.run())
-    try:
-        worker.wake()
-        await _until(lambda: worker.running == 1)
+    async with _serving(Worker(queue, engine, Publisher(queue), SETTINGS.replace(token_budget=150))) as worker:
+        await _until(lambda: worker.running == 1)  # ~115 tokens a job: the next one does not fit beside it
         short = await queue.enqueue(new_job("short"))
         worker.wake()
         await asyncio.sleep(0.1)
@@ -417,10 +419,6 @@ async def test_a_job_waits_for_room_in_the_token_budget(queue):
         engine.release.set()
         await _until(lambda: worker.jobs_complete == 2)
         assert engine.finished == ["long", "short"]
-    finally:
-        worker.stop()
-        engine.release.set()
-        await asyncio.wait_for(run, 5)
 
 
 async def test_stop_lets_running_jobs_finish(queue):
