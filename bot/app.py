@@ -33,7 +33,7 @@ class App:
         if self.engine is None:
             from model.engine import Engine  # torch loads only for processes that generate
 
-            self.engine = Engine(s.model, device=s.device, threads=s.threads, max_batch=s.batch_size,
+            self.engine = Engine(s.model, device=s.device, dtype=s.dtype, threads=s.threads, max_batch=s.batch_size,
                                  token_budget=s.token_budget)
         try:
             await self.engine.start()

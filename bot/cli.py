@@ -103,7 +103,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
 
     async def main():
-        engine = Engine(settings.model, device=settings.device, threads=settings.threads)
+        engine = Engine(settings.model, device=settings.device, dtype=settings.dtype, threads=settings.threads)
         await engine.start()
         try:
             return await generate_thread(engine, args.title, args.url, seed, settings, args.max_new_tokens)

@@ -36,6 +36,7 @@ EOS_P = 0.1  # per-step probability of <|endoftext|> in the eos checkpoint (at t
 
 
 def _start(path, **kwargs) -> Engine:
+    kwargs.setdefault("dtype", "float32")  # the numbers these tests compare against transformers are fp32
     engine = Engine(path, threads=1, **kwargs)
     asyncio.run(engine.start())
     return engine
@@ -696,3 +697,34 @@ async def test_constrained_sampling_with_ignore_eos_runs_to_the_limit(tag_engine
     sampling = SamplingSettings(temperature=1.0, top_p=1.0, max_new_tokens=150, ignore_eos=True)
     results = await tag_engine.generate([GenerationRequest(prompt("T"), seed, sampling) for seed in range(6)])
     assert all(r.new_tokens == 150 and not r.finished for r in results)
+
+
+# ----- precision -----
+
+def test_cpu_default_precision_is_float32(tiny_path):
+    assert Engine(tiny_path, device="cpu")._resolve_dtype(torch.device("cpu")) == torch.float32
+    assert Engine(tiny_path, dtype="bf16")._resolve_dtype(torch.device("cpu")) == torch.bfloat16
+
+
+async def test_bfloat16_engine_is_deterministic_and_writes_valid_trees(tiny_path):
+    engine = Engine(tiny_path, threads=1, dtype="bfloat16")
+    await engine.start()
+    try:
+        requests = [GenerationRequest(prompt(f"Title {i}"), i, SamplingSettings(max_new_tokens=40)) for i in range(6)]
+        first, again = await engine.generate(requests), await engine.generate(requests)
+        assert [r.text for r in first] == [r.text for r in again]
+        assert all(not _faults(r) for r in first)
+    finally:
+        await engine.close()
+
+
+def test_single_row_fp32_path_matches_the_batched_one(tiny_path):
+    model32 = GPT2LMHeadModel.from_pretrained(tiny_path).eval()
+    cached = CachedGPT2(model32, 4)
+    assert cached.row_weights  # CPU fp32 keeps GPT-2's [in, out] layout for single rows
+    tokens = torch.tensor([5, 9, 11, 3])
+    with torch.inference_mode():
+        cached.prefill(0, [[1, 2, 3]] * 4)
+        together = cached.decode(tokens, torch.full((4,), 3), 4, False)
+        alone = torch.cat([cached.decode(tokens[i:i + 1], torch.tensor([3]), 4, False) for i in range(1)])
+    torch.testing.assert_close(alone, together[:1], atol=1e-4, rtol=1e-4)
