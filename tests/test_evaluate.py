@@ -470,3 +470,27 @@ def test_export_from_ckpt_and_float32(tiny, tmp_path):
     (tmp_path / "not-a-model" / "notes.txt").write_text("keep me")
     with pytest.raises(FileExistsError):
         export(run, tmp_path / "not-a-model")
+
+
+def test_export_card_describes_each_stage_of_a_curriculum(tiny, tmp_path):
+    import shutil
+
+    path, _, _ = tiny
+    first = _fake_run(tmp_path, path)
+    second = tmp_path / "runs" / "hn-focus-ft-default-2L64d"
+    second.mkdir()
+    shutil.copytree(first / "best", second / "best")
+    config = {**json.loads((first / "config.json").read_text()), "init": str(first / "best"), "lr": 0.0005,
+              "data": str(tmp_path / "data" / "hn-focus")}
+    (second / "config.json").write_text(json.dumps(config))
+    (second / "metrics.jsonl").write_text(json.dumps({"step": 40, "val_loss": 3.0, "tokens": 10240,
+                                                      "elapsed_s": 20.0}) + "\n")
+    (tmp_path / "data" / "hn-focus").mkdir()
+    (tmp_path / "data" / "hn-focus" / "corpus.json").write_text(json.dumps({"train": {"threads": 4, "comments": 7}}))
+    card = (export(second, tmp_path / "model") / "README.md").read_text()
+    stage1, stage2 = card.index("### Stage 1"), card.index("### Stage 2")
+    assert stage1 < card.index("Run `default-2L64d`") < stage2 < card.index("Run `hn-focus-ft-default-2L64d`")
+    assert "from scratch" in card[stage1:stage2] and "learning rate 0.0005" in card[stage2:]
+    assert "In all: 0.0 M tokens, 0.02 h." in card  # 25,600 + 10,240 tokens, 61 + 20 s
+    assert "| train | 10 | 30 |" in card and "| train | 4 | 7 |" in card  # both stages' data
+    assert card.index("| train | 10 | 30 |") < card.index("| train | 4 | 7 |")

@@ -129,11 +129,18 @@ def export(source: str | Path, out: str | Path, *, eval_json: list[str | Path] =
     weights_bytes = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
     run = _run_info(run_dir)
     corpus_path = Path(corpus) if corpus else _find_corpus(run)
+    earlier: list[tuple[Path, dict]] = []  # the corpora of a curriculum's earlier stages
+    stage = run.get("base")
+    while stage:
+        path = _find_corpus(stage)
+        if path and path.is_file() and path != corpus_path and path not in [p for p, _ in earlier]:
+            earlier.insert(0, (path, json.loads(path.read_text())))
+        stage = stage.get("base")
     card = model_card(
         model.config, parameters=parameters, dtype=dtype, weights_bytes=weights_bytes, origin=origin, run=run,
         corpus=json.loads(corpus_path.read_text()) if corpus_path and corpus_path.is_file() else None,
         corpus_path=corpus_path, evals=[(Path(p), e) for p in eval_json for e in read_eval(p)],
-        sampling=generation,
+        sampling=generation, earlier_corpora=earlier,
     )
     (tmp / "README.md").write_text(card, encoding="utf-8")
     if out.exists():
@@ -152,12 +159,19 @@ def read_eval(path: str | Path) -> list[dict]:
         return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def _run_info(run_dir: Path | None) -> dict[str, Any]:
+def _run_info(run_dir: Path | None, depth: int = 0) -> dict[str, Any]:
+    """What a run directory says about itself, and (as ``base``) about the run it was initialised from, when that
+    was another run's checkpoint that is still on disk: a curriculum is a chain of runs."""
     if run_dir is None:
         return {}
     info: dict[str, Any] = {"name": run_dir.name}
     if (run_dir / "config.json").is_file():
         info["config"] = json.loads((run_dir / "config.json").read_text())
+        init = Path(info["config"].get("init", "scratch"))
+        base_dir = init.parent if init.name in ("best", "ckpt.pt") else init
+        if depth < 10 and info["config"].get("init", "scratch") != "scratch" and (base_dir / "config.json").is_file() \
+                and (base_dir / "metrics.jsonl").is_file():
+            info["base"] = _run_info(base_dir, depth + 1)
     metrics_path = run_dir / "metrics.jsonl"
     if metrics_path.is_file():
         metrics = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
@@ -183,7 +197,8 @@ def _fmt(value: Any, pattern: str) -> str:
 
 
 def model_card(config, *, parameters: int, dtype: str, weights_bytes: int, origin: Path, run: dict[str, Any],
-               corpus: dict | None, corpus_path: Path | None, evals: list[tuple[Path, dict]], sampling) -> str:
+               corpus: dict | None, corpus_path: Path | None, evals: list[tuple[Path, dict]], sampling,
+               earlier_corpora: list[tuple[Path, dict]] = ()) -> str:
     """The README.md of an exported model (pure: everything it states is passed in)."""
     lines = [
         "---",
@@ -235,7 +250,7 @@ def model_card(config, *, parameters: int, dtype: str, weights_bytes: int, origi
         "",
     ]
     lines += _training_section(run)
-    lines += _data_section(corpus, corpus_path, run)
+    lines += _data_section(corpus, corpus_path, run, earlier_corpora)
     lines += _eval_section(evals)
     lines += [
         "## Intended use",
@@ -261,8 +276,24 @@ def model_card(config, *, parameters: int, dtype: str, weights_bytes: int, origi
 def _training_section(run: dict[str, Any]) -> list[str]:
     if not run:
         return ["## Training", "", "No run directory was found next to the checkpoint; training details unknown.", ""]
+    stages = [run]
+    while "base" in stages[0]:
+        stages.insert(0, stages[0]["base"])
+    if len(stages) == 1:
+        return ["## Training", "", *_run_lines(run)]
+    lines = ["## Training", "", f"A curriculum of {len(stages)} runs, each continuing from the previous one's exported "
+             "checkpoint.", ""]
+    for n, stage in enumerate(stages, 1):
+        lines += [f"### Stage {n}", "", *_run_lines(stage)]
+    tokens = sum((s.get("last") or {}).get("tokens") or 0 for s in stages)
+    hours = sum((s.get("last") or {}).get("elapsed_s") or 0 for s in stages) / 3600
+    lines += [f"In all: {tokens / 1e6:.1f} M tokens" + (f", {hours:.2f} h." if hours else "."), ""]
+    return lines
+
+
+def _run_lines(run: dict[str, Any]) -> list[str]:
     c = run.get("config", {})
-    lines = ["## Training", "", f"Run `{run.get('name')}`.", ""]
+    lines = [f"Run `{run.get('name')}`.", ""]
     if c:
         init = c.get("init", "scratch")
         lines.append(f"- initialisation: {'from scratch' if init == 'scratch' else f'finetuned from `{init}`'}")
@@ -283,10 +314,15 @@ def _training_section(run: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _data_section(corpus: dict | None, corpus_path: Path | None, run: dict[str, Any]) -> list[str]:
+def _data_section(corpus: dict | None, corpus_path: Path | None, run: dict[str, Any],
+                  earlier_corpora: list[tuple[Path, dict]] = ()) -> list[str]:
     lines = ["## Data", ""]
     data_dir = run.get("config", {}).get("data", "")
-    if Path(data_dir).name == "default":
+    stage, data_names = run, set()
+    while stage:
+        data_names.add(Path(stage.get("config", {}).get("data", "")).name)
+        stage = stage.get("base")
+    if "default" in data_names:
         from training import default_corpus
 
         doc = default_corpus.__doc__ or ""
@@ -294,12 +330,12 @@ def _data_section(corpus: dict | None, corpus_path: Path | None, run: dict[str, 
         while body and not body[0].strip():
             body.pop(0)
         lines += [line.rstrip() for line in body] + [""]
-    if corpus:
-        lines += [f"Splits (`{corpus_path}`):", "", "| split | threads | comments |", "|---|---|---|"]
-        lines += [f"| {name} | {s.get('threads', '–'):,} | {s.get('comments', '–'):,} |" for name, s in corpus.items()
+    for path, splits in [*earlier_corpora, *([(corpus_path, corpus)] if corpus else [])]:
+        lines += [f"Splits (`{path}`):", "", "| split | threads | comments |", "|---|---|---|"]
+        lines += [f"| {name} | {s.get('threads', '–'):,} | {s.get('comments', '–'):,} |" for name, s in splits.items()
                   if isinstance(s, dict)]
         lines.append("")
-    elif not data_dir:
+    if not corpus and not data_dir:
         lines += ["Unknown (no corpus.json given or found).", ""]
     return lines
 
