@@ -33,8 +33,9 @@ class App:
         if self.engine is None:
             from model.engine import Engine  # torch loads only for processes that generate
 
-            self.engine = Engine(s.model, device=s.device, dtype=s.dtype, threads=s.threads, max_batch=s.batch_size,
-                                 token_budget=s.token_budget)
+            rows = 2 if s.guidance_scale != 1.0 else 1  # a guided job runs its untitled twin in a second slot
+            self.engine = Engine(s.model, device=s.device, dtype=s.dtype, threads=s.threads,
+                                 max_batch=s.batch_size * rows, token_budget=s.token_budget * rows)
         try:
             await self.engine.start()
             self.queue = await Queue.open(s.db, max_queued_per_requester=s.max_queued_per_requester,

@@ -82,7 +82,8 @@ async def generate_thread(engine, title: str, url: str | None, seed: int, settin
     from model.tree import Thread
 
     sampling = SamplingSettings(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
-                                max_new_tokens=max_new_tokens or settings.max_new_tokens)
+                                max_new_tokens=max_new_tokens or settings.max_new_tokens,
+                                guidance_scale=settings.guidance_scale)
     for _ in range(settings.generation_retries + 1):
         [result] = await engine.generate([GenerationRequest(prompt(title, url), seed, sampling)])
         parsed = parse_generation(result.text, result.finished)

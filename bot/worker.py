@@ -183,7 +183,7 @@ class Worker:
         for job in jobs:
             try:
                 request = GenerationRequest(prompt(job.title or job.input, job.url), job.seed,
-                                            SamplingSettings(**job.sampling))
+                                            SamplingSettings(**job.sampling, guidance_scale=s.guidance_scale))
             except Exception:
                 self._log(logging.ERROR, job, "could not build the generation request", exc_info=True)
                 await self._fail(job, BAD_SETTINGS)

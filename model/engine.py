@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 
 from bot.errors import ModelNotInstalled
-from model.format import CLOSE, END_OF_TEXT, OPEN, NextTags
+from model.format import CLOSE, END_OF_TEXT, OPEN, NextTags, without_header
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,11 @@ class SamplingSettings:
     constrain_tags: sample only what keeps the thread a valid tree (`model.format.NextTags`: no stray <|ec|>, no
     text between blocks, no end inside a comment, at most 10 replies per item, no empty comment). The model's
     probabilities are renormalised over what is allowed; off, the sampler is transformers' exactly.
+    guidance_scale: classifier-free guidance towards the title (Sanchez et al. 2023, "Stay on topic with
+    classifier-free guidance"; transformers' `guidance_scale`): the request also runs, in a second slot, the same
+    story without its title and URL (`model.format.without_header`), and each step samples from
+    log p(x | title) + (scale - 1) * (log p(x | title) - log p(x | no title)). 1.0 is off; above 1 the text keeps
+    closer to the title, at twice the compute.
     """
 
     temperature: float = 0.9
@@ -99,6 +104,7 @@ class SamplingSettings:
     max_new_tokens: int = 400
     ignore_eos: bool = False
     constrain_tags: bool = True
+    guidance_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0:
@@ -109,6 +115,8 @@ class SamplingSettings:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.guidance_scale >= 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
 
 
 @dataclass(frozen=True)
@@ -467,6 +475,8 @@ class _Row:
     generator: torch.Generator
     sampling: SamplingSettings
     next_tags: NextTags | None = None  # the format's rules, when the request constrains tags
+    shadow: _Row | None = None  # guidance: the row that runs the untitled story beside this one
+    is_shadow: bool = False  # this row is another row's shadow: never sampled, streamed or delivered
     new_ids: list[int] = field(default_factory=list)
     finished: bool = False
     streamed: int = -1  # len(new_ids) at the last on_text call (-1: never called)
@@ -781,15 +791,18 @@ class Engine:
                     self._waiting.popleft()
                     _deliver(job, exc)
                     continue
-            row = job.row
-            if joining and prompt_tokens + len(row.prompt_ids) > self.prefill_tokens:
+            rows = [job.row] if job.row.shadow is None else [job.row, job.row.shadow]
+            cost, prompt = sum(r.cost for r in rows), sum(len(r.prompt_ids) for r in rows)
+            if len(self._rows) + len(joining) + len(rows) > self.max_batch:
                 break
-            if (self._rows or joining) and used + row.cost > self.token_budget:
+            if joining and prompt_tokens + prompt > self.prefill_tokens:
+                break
+            if (self._rows or joining) and used + cost > self.token_budget:
                 break
             self._waiting.popleft()
-            joining.append(row)
-            used += row.cost
-            prompt_tokens += len(row.prompt_ids)
+            joining += rows
+            used += cost
+            prompt_tokens += prompt
         return joining
 
     def _make_row(self, job: _Job) -> _Row:
@@ -806,7 +819,12 @@ class Engine:
             next_tags = NextTags()
             for token in ids:
                 next_tags.feed(self._tag_kinds.get(token))
-        return _Row(job, ids, limit, generator, request.sampling, next_tags)
+        row = _Row(job, ids, limit, generator, request.sampling, next_tags)
+        if request.sampling.guidance_scale != 1.0 and self.max_batch >= 2:
+            base = self._tokenizer.encode(without_header(request.prompt), add_special_tokens=False, verbose=False)
+            row.shadow = _Row(job, (base or [self._eos])[-len(ids):], limit, generator, request.sampling,
+                              is_shadow=True)
+        return row
 
     def _join(self, rows: list[_Row]) -> None:
         """Prefill the newcomers together (right-padded, shortest first), then sample their first tokens."""
@@ -837,16 +855,40 @@ class Engine:
         """Sample a token for rows first.. (whose logits these are), append it, stream, and retire finished rows."""
         rows = self._rows[first:]
         s = slice(first, first + len(rows))
+        shadows = [i for i, row in enumerate(rows) if row.is_shadow]
+        if shadows:
+            self._guide(rows, logits)
         if any(row.sampling.ignore_eos for row in rows):
             logits[:, self._eos].masked_fill_(self._no_eos[s], float("-inf"))
         if any(row.next_tags is not None for row in rows):
             self._constrain(rows, logits)
-        uniforms = torch.cat([torch.rand(1, generator=row.generator, dtype=torch.float64) for row in rows])
-        tokens = sample_tokens(logits, uniforms.to(self._device), self._temperature[s], self._top_k[s],
-                               self._top_p[s])
+        if shadows:  # only the guided rows draw; each shadow then takes its row's token
+            drawn = [i for i, row in enumerate(rows) if not row.is_shadow]
+            index = torch.tensor(drawn, device=self._device)
+            uniforms = torch.cat([torch.rand(1, generator=rows[i].generator, dtype=torch.float64) for i in drawn])
+            picked = sample_tokens(logits[index], uniforms.to(self._device), self._temperature[s][index],
+                                   self._top_k[s][index], self._top_p[s][index])
+            tokens = torch.empty(len(rows), dtype=torch.long, device=self._device)
+            tokens[index] = picked
+            position = {id(row): i for i, row in enumerate(rows)}
+            owners = [position[id(row.shadow)] for row in rows if row.shadow is not None]
+            tokens[torch.tensor(owners, device=self._device)] = picked[
+                torch.tensor([k for k, i in enumerate(drawn) if rows[i].shadow is not None], device=self._device)]
+        else:
+            uniforms = torch.cat([torch.rand(1, generator=row.generator, dtype=torch.float64) for row in rows])
+            tokens = sample_tokens(logits, uniforms.to(self._device), self._temperature[s], self._top_k[s],
+                                   self._top_p[s])
         self._tok[s] = tokens
         done = []
         for i, (row, token) in enumerate(zip(rows, tokens.tolist(), strict=True)):
+            if row.is_shadow:
+                if token == self._eos:
+                    row.finished = True
+                else:
+                    row.new_ids.append(token)
+                if row.finished or len(row.new_ids) >= row.limit:
+                    done.append(first + i)
+                continue
             if token == self._eos:
                 row.finished = True
             else:
@@ -862,6 +904,19 @@ class Engine:
                 done.append(first + i)
         if done:
             self._remove(done)
+
+    def _guide(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        """Classifier-free guidance: each guided row's logits become log p(cond) + (scale - 1) * (log p(cond) -
+        log p(uncond)), with its shadow's logits as the unconditional ones."""
+        position = {id(row): i for i, row in enumerate(rows)}
+        pairs = [(i, position[id(row.shadow)], row.sampling.guidance_scale) for i, row in enumerate(rows)
+                 if row.shadow is not None]
+        cond = torch.tensor([i for i, _, _ in pairs], device=logits.device)
+        uncond = torch.tensor([j for _, j, _ in pairs], device=logits.device)
+        scale = torch.tensor([g for _, _, g in pairs], device=logits.device, dtype=torch.float32).unsqueeze(1)
+        c = torch.log_softmax(logits[cond].float(), dim=-1)
+        u = torch.log_softmax(logits[uncond].float(), dim=-1)
+        logits[cond] = (u + scale * (c - u)).to(logits.dtype)
 
     def _constrain(self, rows: list[_Row], logits: torch.Tensor) -> None:
         """Set to -inf the logits of what the format does not allow next (`NextTags`), row by row."""
@@ -897,7 +952,7 @@ class Engine:
         """Retire rows; the last row moves into each freed slot, so the running rows stay slots 0..n-1."""
         assert self._model is not None
         for i in sorted(indices, reverse=True):
-            if deliver:
+            if deliver and not self._rows[i].is_shadow:
                 row = self._rows[i]
                 _deliver(row.job, GenerationResult(
                     text=self._decode(row.new_ids), prompt_tokens=len(row.prompt_ids), new_tokens=len(row.new_ids),

@@ -76,6 +76,15 @@ def prompt(title: str, url: str | None = None) -> str:
     return END_OF_TEXT + header(title, url) + OPEN
 
 
+def without_header(text: str) -> str:
+    """The same story text with its title and URL removed (the header of the last story becomes an empty title):
+    what the model writes for "no title" is the baseline that classifier-free guidance pushes away from."""
+    start = text.rfind(END_OF_TEXT)
+    start = 0 if start < 0 else start + len(END_OF_TEXT)
+    tag = _TAG.search(text, start)
+    return text[:start] + header("") + (text[tag.start():] if tag else "")
+
+
 def encode_comments(comments: list[Comment], max_children: int = MAX_CHILDREN) -> str:
     parts: list[str] = []
     # Explicit stack of (comment, closing?) so that arbitrarily deep trees encode without recursion.

@@ -240,3 +240,10 @@ async def test_restart_reruns_a_job_the_dead_process_was_generating_without_wait
         await app.serve(poster)
         job = await finished(app, accepted.job_id)
     assert job.status == "done" and job.attempts == 1 and poster.posts[0][0] == "h"
+
+
+async def test_the_engine_has_a_second_slot_per_job_for_guidance(settings):
+    async with App(settings.replace(batch_size=3, token_budget=1000, guidance_scale=1.5)) as app:
+        assert (app.engine.max_batch, app.engine.token_budget) == (6, 2000)
+    async with App(settings.replace(batch_size=3, token_budget=1000, guidance_scale=1.0)) as app:
+        assert (app.engine.max_batch, app.engine.token_budget) == (3, 1000)

@@ -728,3 +728,80 @@ def test_single_row_fp32_path_matches_the_batched_one(tiny_path):
         together = cached.decode(tokens, torch.full((4,), 3), 4, False)
         alone = torch.cat([cached.decode(tokens[i:i + 1], torch.tensor([3]), 4, False) for i in range(1)])
     torch.testing.assert_close(alone, together[:1], atol=1e-4, rtol=1e-4)
+
+
+# ----- classifier-free guidance -----
+
+def _guided_greedy_reference(path, prompt_ids: list[int], untitled_ids: list[int], scale: float, n: int) -> list[int]:
+    model = GPT2LMHeadModel.from_pretrained(path).eval()
+    cond, uncond, out = list(prompt_ids), list(untitled_ids), []
+    with torch.inference_mode():
+        for _ in range(n):
+            c = torch.log_softmax(model(torch.tensor([cond])).logits[0, -1], -1)
+            u = torch.log_softmax(model(torch.tensor([uncond])).logits[0, -1], -1)
+            token = int((u + scale * (c - u)).argmax())
+            out.append(token)
+            cond.append(token)
+            uncond.append(token)
+    return out
+
+
+async def test_guidance_matches_a_reference_and_leaves_other_rows_alone(engine, tiny_path):
+    from model.format import without_header
+
+    n, text = 10, prompt("Show HN: A tiny search engine", "https://example.com")
+    greedy = SamplingSettings(temperature=0, max_new_tokens=n, constrain_tags=False)
+    guided = SamplingSettings(temperature=0, max_new_tokens=n, constrain_tags=False, guidance_scale=2.5)
+    plain = [GenerationRequest(p, i, SHORT) for i, p in enumerate(PROMPTS)]
+    alone = await engine.generate(plain)
+    together = await engine.generate([GenerationRequest(text, 0, guided), *plain, GenerationRequest(text, 0, greedy)])
+    tokenizer = engine._tokenizer
+    ids, untitled = tokenizer.encode(text), tokenizer.encode(without_header(text))
+    assert untitled != ids
+    reference = _guided_greedy_reference(tiny_path, ids, untitled, 2.5, n)
+    eos = tokenizer.convert_tokens_to_ids(END_OF_TEXT)
+    if eos in reference:
+        reference = reference[: reference.index(eos)]
+    assert list(together[0].token_ids) == reference
+    assert list(together[-1].token_ids) != reference  # guidance changed the greedy path
+    assert [r.text for r in together[1:-1]] == [r.text for r in alone]  # the other rows are untouched
+
+
+async def test_guided_requests_are_reproducible_and_use_two_slots(tiny_path):
+    engine = Engine(tiny_path, threads=1, dtype="float32", max_batch=4)
+    await engine.start()
+    try:
+        sampling = SamplingSettings(max_new_tokens=30, guidance_scale=1.5)
+        requests = [GenerationRequest(prompt(f"Title {i}"), i, sampling) for i in range(5)]
+        first = await engine.generate(requests)
+        again = await engine.generate(requests[::-1])  # other neighbours, other slots
+        assert [r.text for r in first] == [r.text for r in again[::-1]]
+        assert all(r.new_tokens > 0 and not _faults(r) for r in first)
+        started = engine.submit(requests[0])
+        await asyncio.sleep(0)
+        engine.submit(requests[1]).cancel()
+        await started
+        for _ in range(200):  # the engine thread retires rows just after delivering
+            if not engine._rows and not engine._waiting:
+                break
+            await asyncio.sleep(0.01)
+        assert engine.in_flight == 0 and not engine._rows  # both rows of each request left
+    finally:
+        await engine.close()
+
+
+async def test_guidance_needs_two_slots_and_is_skipped_with_one(tiny_path):
+    engine = Engine(tiny_path, threads=1, dtype="float32", max_batch=1)
+    await engine.start()
+    try:
+        request = GenerationRequest(prompt("T"), 3, SamplingSettings(max_new_tokens=12, guidance_scale=2.0))
+        unguided = GenerationRequest(prompt("T"), 3, SamplingSettings(max_new_tokens=12))
+        [a], [b] = await engine.generate([request]), await engine.generate([unguided])
+        assert a.text == b.text
+    finally:
+        await engine.close()
+
+
+def test_guidance_scale_is_validated():
+    with pytest.raises(ValueError, match="guidance_scale"):
+        SamplingSettings(guidance_scale=-1)

@@ -37,6 +37,7 @@ from model.format import (
     parse_comments,
     parse_story,
     prompt,
+    without_header,
 )
 from model.tree import Comment, Thread, walk
 
@@ -645,3 +646,11 @@ def test_next_tags_rules():
     assert rules.children == [2] and not rules.allows(OPEN) and rules.allows(END_OF_TEXT)  # the story is full
     rules.feed(END_OF_TEXT)
     assert rules.children == [0] and rules.allows_text() and not rules.allows(END_OF_TEXT)
+
+
+def test_without_header_keeps_the_story_but_not_its_title():
+    assert without_header(prompt("Show HN: x", "https://a.example")) == prompt("")
+    assert without_header(prompt("T") + "Nice.<|ec|>") == prompt("") + "Nice.<|ec|>"
+    corpus = encode_corpus([Thread("First", None, [Comment("a")])]) + prompt("Second", "https://b.example")
+    assert without_header(corpus) == corpus[: corpus.rindex(END_OF_TEXT)] + prompt("")  # only the last story
+    assert without_header("just a title") == header("")

@@ -104,7 +104,8 @@ async def test_burst_generates_and_publishes(queue):
     batch = [request for call in engine.calls for request in call]
     assert [r.prompt for r in batch] == [prompt(f"Title {i}", "https://example.com/lisp") for i in range(3)]
     assert all(r.seed == 7 and r.sampling.temperature == 0.8 and r.sampling.top_p == 0.9 and r.sampling.top_k == 40
-               and r.sampling.max_new_tokens == 100 for r in batch)
+               and r.sampling.max_new_tokens == 100 and r.sampling.guidance_scale == SETTINGS.guidance_scale
+               for r in batch)
     assert sorted(job_id for job_id, _ in publish.published) == [j.id for j in jobs]
     for job in jobs:
         stored = await queue.get(job.id)

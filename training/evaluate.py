@@ -270,7 +270,8 @@ def default_sampling(**overrides):
     from model.engine import SamplingSettings
 
     s = Settings()
-    values = dict(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_new_tokens=s.max_new_tokens)
+    values = dict(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_new_tokens=s.max_new_tokens,
+                  guidance_scale=s.guidance_scale)
     values.update({k: v for k, v in overrides.items() if v is not None})
     return SamplingSettings(**values)
 
@@ -422,6 +423,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, help="generation length (default: the bot's setting)")
     parser.add_argument("--temperature", type=float, help="(default: the bot's setting)")
     parser.add_argument("--top-p", type=float, help="(default: the bot's setting)")
+    parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance (default: the bot's setting)")
     parser.add_argument("--unconstrained", action="store_true",
                         help="sample without the format's tag rules (what the model alone does)")
     parser.add_argument("--seed", type=int, default=0, help="seed for drawing threads and for sampling")
@@ -455,11 +457,12 @@ def main(args: argparse.Namespace) -> int:
     if args.samples:
         chosen = pick_threads(data, args.samples, args.seed)
         sampling = default_sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                    top_p=args.top_p, constrain_tags=False if args.unconstrained else None)
+                                    top_p=args.top_p, constrain_tags=False if args.unconstrained else None,
+                                    guidance_scale=args.guidance_scale)
         samples = asyncio.run(_sample(args, chosen, sampling))
         report["sampling"] = {"temperature": sampling.temperature, "top_p": sampling.top_p,
                               "top_k": sampling.top_k, "max_new_tokens": sampling.max_new_tokens, "seed": args.seed,
-                              "constrain_tags": sampling.constrain_tags}
+                              "constrain_tags": sampling.constrain_tags, "guidance_scale": sampling.guidance_scale}
         report.update(sample_stats(s.continuation for s in samples))
         report["mean_new_tokens"] = float(np.mean([s.new_tokens for s in samples]))
         report["reference"] = sample_stats(real_continuation(t) for t in chosen)
