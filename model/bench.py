@@ -282,7 +282,13 @@ async def _engine_phase(path: Path, prompts: list[list[int]], real_text: bool, s
                 if not closed and (CLOSE in text or OPEN in text):
                     closed.append(time.perf_counter() - start)
 
-            await engine.submit(GenerationRequest(probe_prompt, 7, sampling(400)), on_text=on_text)
+            # What a user gets: the bot's own sampling settings, guidance and format rules included.
+            from bot.settings import Settings
+
+            bot = Settings()
+            product = SamplingSettings(temperature=bot.temperature, top_p=bot.top_p, top_k=bot.top_k,
+                                       max_new_tokens=400, guidance_scale=bot.guidance_scale)
+            await engine.submit(GenerationRequest(probe_prompt, 7, product), on_text=on_text)
             return closed[0] if closed else None
 
         out["first_comment_s"] = _round(await first_comment())
@@ -302,7 +308,7 @@ async def _engine_phase(path: Path, prompts: list[list[int]], real_text: bool, s
         for f in others:
             f.cancel()
         out["first_comment_basis"] = (
-            "until the first closing/opening comment tag is streamed" if real_text else
+            "until the first closing/opening comment tag is streamed, with the bot's sampling settings" if real_text else
             f"random weights never close a comment: time to {s['comment_tokens']} new tokens")
         say(f"first token {out['first_token_s']}s, first comment {out['first_comment_s']}s alone, "
             f"{out['first_comment_busy_s']}s joining a batch of {BUSY_OTHERS}")
