@@ -487,7 +487,11 @@ def test_export_card_describes_each_stage_of_a_curriculum(tiny, tmp_path):
                                                       "elapsed_s": 20.0}) + "\n")
     (tmp_path / "data" / "hn-focus").mkdir()
     (tmp_path / "data" / "hn-focus" / "corpus.json").write_text(json.dumps({"train": {"threads": 4, "comments": 7}}))
-    card = (export(second, tmp_path / "model") / "README.md").read_text()
+    notes = tmp_path / "notes.md"
+    notes.write_text("### Against the quality bar\n\n| | target |\n|---|---|\n")
+    card = (export(second, tmp_path / "model", notes=notes) / "README.md").read_text()
+    assert card.index("## Evaluation") < card.index("### Against the quality bar") < card.index("## Intended use")
+    assert "classifier-free guidance" in card
     stage1, stage2 = card.index("### Stage 1"), card.index("### Stage 2")
     assert stage1 < card.index("Run `default-2L64d`") < stage2 < card.index("Run `hn-focus-ft-default-2L64d`")
     assert "from scratch" in card[stage1:stage2] and "learning rate 0.0005" in card[stage2:]

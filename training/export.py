@@ -97,7 +97,7 @@ def load(source: str | Path, *, latest: bool = False):
 
 
 def export(source: str | Path, out: str | Path, *, eval_json: list[str | Path] = (), dtype: str = "float16",
-           latest: bool = False, corpus: str | Path | None = None) -> Path:
+           latest: bool = False, corpus: str | Path | None = None, notes: str | Path | None = None) -> Path:
     """Write the model directory ``out`` (replacing a previous export there) and return it."""
     import torch
     from transformers import GenerationConfig
@@ -140,7 +140,8 @@ def export(source: str | Path, out: str | Path, *, eval_json: list[str | Path] =
         model.config, parameters=parameters, dtype=dtype, weights_bytes=weights_bytes, origin=origin, run=run,
         corpus=json.loads(corpus_path.read_text()) if corpus_path and corpus_path.is_file() else None,
         corpus_path=corpus_path, evals=[(Path(p), e) for p in eval_json for e in read_eval(p)],
-        sampling=generation, earlier_corpora=earlier,
+        sampling=generation, earlier_corpora=earlier, guidance_scale=defaults.guidance_scale,
+        notes=Path(notes).read_text(encoding="utf-8") if notes else "",
     )
     (tmp / "README.md").write_text(card, encoding="utf-8")
     if out.exists():
@@ -198,7 +199,7 @@ def _fmt(value: Any, pattern: str) -> str:
 
 def model_card(config, *, parameters: int, dtype: str, weights_bytes: int, origin: Path, run: dict[str, Any],
                corpus: dict | None, corpus_path: Path | None, evals: list[tuple[Path, dict]], sampling,
-               earlier_corpora: list[tuple[Path, dict]] = ()) -> str:
+               earlier_corpora: list[tuple[Path, dict]] = (), notes: str = "", guidance_scale: float = 1.0) -> str:
     """The README.md of an exported model (pure: everything it states is passed in)."""
     lines = [
         "---",
@@ -234,6 +235,11 @@ def model_card(config, *, parameters: int, dtype: str, weights_bytes: int, origi
         f"Default sampling (`generation_config.json`, the bot's defaults): temperature {sampling.temperature}, "
         f"top-p {sampling.top_p}, max_new_tokens {sampling.max_new_tokens}.",
         "",
+        "HNaaS's engine (`model/engine.py`) also samples only what keeps the thread a valid tree",
+        "(`model.format.NextTags`), and by default applies classifier-free guidance towards the title: the same",
+        "story without its title (`model.format.without_header`) is the unconditional prompt "
+        f"(scale {guidance_scale}, `HNAAS_GUIDANCE_SCALE`).",
+        "",
         "## Model",
         "",
         "| | |",
@@ -252,6 +258,8 @@ def model_card(config, *, parameters: int, dtype: str, weights_bytes: int, origi
     lines += _training_section(run)
     lines += _data_section(corpus, corpus_path, run, earlier_corpora)
     lines += _eval_section(evals)
+    if notes.strip():
+        lines += [notes.strip(), ""]
     lines += [
         "## Intended use",
         "",
@@ -379,11 +387,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=DTYPES, default="float16", help="weights dtype (default: float16)")
     parser.add_argument("--latest", action="store_true", help="export the run's latest ckpt.pt instead of best/")
     parser.add_argument("--corpus", help="corpus.json describing the data (default: the run's data dir)")
+    parser.add_argument("--notes", help="a Markdown file put in the card after the evaluation figures")
 
 
 def main(args: argparse.Namespace) -> int:
     out = export(args.source, args.out, eval_json=args.eval_json, dtype=args.dtype, latest=args.latest,
-                 corpus=args.corpus)
+                 corpus=args.corpus, notes=args.notes)
     print(out)
     return 0
 
