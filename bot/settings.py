@@ -47,7 +47,7 @@ class Settings:
     temperature: float = 0.9
     top_p: float = 0.95
     top_k: int = 0
-    guidance_scale: float = 1.5  # classifier-free guidance towards the title; 1 = off (half the compute)
+    guidance_scale: float = 2.0  # classifier-free guidance towards the title; 1 = off (half the compute)
     generation_retries: int = 2  # new seeds for a job whose output had no usable comment
     max_attempts: int = 3  # claims of one job before it fails (crashes, errors)
     lease_seconds: float = 600.0  # a claimed job returns to the queue if its worker goes quiet this long

@@ -297,16 +297,8 @@ class CachedGPT2:
             from transformers.activations import ACT2FN
             self.act = ACT2FN[config.activation_function]
         # Matrices as [out, in] contiguous (the layout oneDNN's matmul reads fastest; GPT-2 stores [in, out]).
-        cpu_fp32 = body.wte.weight.device.type == "cpu" and body.wte.weight.dtype == torch.float32
-        # CPU fp32, one row: MKL streams GPT-2's own [in, out] layout ~7 % faster than any kernel over [out, in]
-        # (measured on this project's CPU: 29 vs 27 GB/s), so that layout is kept too, at the cost of a second
-        # copy of the layer matrices (the output head already has one, below).
-        self.row_weights: dict[int, torch.Tensor] = {}
-
         def t(p: torch.nn.Parameter) -> torch.Tensor:
             out = p.detach().t().contiguous()
-            if cpu_fp32:  # keeps the storage alive even when `release` points the parameter elsewhere
-                self.row_weights[id(out)] = p.detach()
             if release:
                 p.data = torch.empty(0, device=p.device, dtype=p.dtype)
             return out
@@ -358,8 +350,6 @@ class CachedGPT2:
         MKL's GEMM is 20-40 % slower at 4-16 rows, but faster at 1-2 (measured on this project's CPU)."""
         if self._matmul is not None and x.shape[0] >= ONEDNN_ROWS:
             return self._matmul(x, weight, bias, "none", [], "")
-        if x.shape[0] == 1 and (row_weight := self.row_weights.get(id(weight))) is not None:
-            return torch.addmm(bias, x, row_weight) if bias is not None else torch.mm(x, row_weight)
         if self._gemv and x.shape[0] == 1:
             y = torch.mv(weight, x[0])
             return (y if bias is None else y.add_(bias)).unsqueeze(0)
