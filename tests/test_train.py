@@ -53,3 +53,16 @@ def test_precision_choice():
     assert use_bf16(TrainConfig(precision="auto"), cuda)
     with pytest.raises(ValueError, match="precision"):
         use_bf16(TrainConfig(precision="fp8"), cpu)
+
+
+def test_run_names_say_what_the_run_is_and_stay_short_along_a_chain(tmp_path):
+    from training.train import run_name
+
+    first = run_name(TrainConfig(data="data/default", n_layer=4, n_embd=256, block_size=1024, lr=2e-3))
+    assert first.startswith("default-4L256d-ctx1024-lr0.002-")
+    base = tmp_path / "runs" / first
+    (base / "best").mkdir(parents=True)
+    (base / "config.json").write_text("{}")
+    second = run_name(TrainConfig(data="data/hn-focus", init=str(base / "best"), lr=5e-4))
+    assert second.startswith(f"hn-focus-ft-{first.rsplit('-', 1)[-1]}-ctx512-lr0.0005-") and len(second) < 50
+    assert run_name(TrainConfig(init="gpt2-medium")).startswith("default-ft-gpt2-medium-")

@@ -67,6 +67,8 @@ def run_name(config: TrainConfig) -> str:
         return config.run_name
     base = Path(config.init)
     base_name = base.parent.name if base.name == "best" else base.name  # runs/<name>/best -> <name>
+    if (base.parent / "config.json").is_file() and base.name == "best":
+        base_name = base_name.rsplit("-", 1)[-1]  # another run: its hash names it (chains of runs stay short)
     shape = "ft-" + base_name if config.init != "scratch" else f"{config.n_layer}L{config.n_embd}d"
     blob = json.dumps(dataclasses.asdict(config), sort_keys=True).encode()
     return f"{Path(config.data).name}-{shape}-ctx{config.block_size}-lr{config.lr:g}-{hashlib.sha1(blob).hexdigest()[:6]}"
