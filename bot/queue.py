@@ -485,8 +485,8 @@ class Queue:
         """Mark up to ``limit`` of the oldest queued jobs ``running`` under a lease held by ``worker_id``.
 
         Jobs are taken in claim order while their summed ``cost`` fits ``token_budget``; with ``take_first`` (an
-        idle worker) the first job is always taken, however large, so a big job cannot block the queue. Taking a prefix (not filling the budget with later
-        small jobs) keeps the queue first come, first served. Call ``requeue_expired`` before each claim (the
+        idle worker) the first job is always taken, however large, so a big job cannot block the queue. Taking a
+        prefix (not filling the budget with later small jobs) keeps the queue first come, first served. Call ``requeue_expired`` before each claim (the
         worker does), so that abandoned jobs come back first.
         """
         now = self._clock()

@@ -845,65 +845,53 @@ class Engine:
         """Sample a token for rows first.. (whose logits these are), append it, stream, and retire finished rows."""
         rows = self._rows[first:]
         s = slice(first, first + len(rows))
-        shadows = [i for i, row in enumerate(rows) if row.is_shadow]
-        if shadows:
-            self._guide(rows, logits)
+        position = {id(row): i for i, row in enumerate(rows)}
+        pairs = [(i, position[id(row.shadow)]) for i, row in enumerate(rows) if row.shadow is not None]
+        if pairs:
+            self._guide(rows, logits, pairs)
         if any(row.sampling.ignore_eos for row in rows):
             logits[:, self._eos].masked_fill_(self._no_eos[s], float("-inf"))
         if any(row.next_tags is not None for row in rows):
             self._constrain(rows, logits)
-        if shadows:  # only the guided rows draw; each shadow then takes its row's token
-            drawn = [i for i, row in enumerate(rows) if not row.is_shadow]
-            index = torch.tensor(drawn, device=self._device)
-            uniforms = torch.cat([torch.rand(1, generator=rows[i].generator, dtype=torch.float64) for i in drawn])
-            picked = sample_tokens(logits[index], uniforms.to(self._device), self._temperature[s][index],
-                                   self._top_k[s][index], self._top_p[s][index])
-            tokens = torch.empty(len(rows), dtype=torch.long, device=self._device)
-            tokens[index] = picked
-            position = {id(row): i for i, row in enumerate(rows)}
-            owners = [position[id(row.shadow)] for row in rows if row.shadow is not None]
-            tokens[torch.tensor(owners, device=self._device)] = picked[
-                torch.tensor([k for k, i in enumerate(drawn) if rows[i].shadow is not None], device=self._device)]
-        else:
-            uniforms = torch.cat([torch.rand(1, generator=row.generator, dtype=torch.float64) for row in rows])
-            tokens = sample_tokens(logits, uniforms.to(self._device), self._temperature[s], self._top_k[s],
-                                   self._top_p[s])
+        # Shadows never draw: each takes its guided row's token.
+        drawn = [i for i, row in enumerate(rows) if not row.is_shadow]
+        index: slice | torch.Tensor = slice(None) if not pairs else torch.tensor(drawn, device=self._device)
+        uniforms = torch.cat([torch.rand(1, generator=rows[i].generator, dtype=torch.float64) for i in drawn])
+        tokens = torch.empty(len(rows), dtype=torch.long, device=self._device)
+        tokens[index] = sample_tokens(logits[index], uniforms.to(self._device), self._temperature[s][index],
+                                      self._top_k[s][index], self._top_p[s][index])
+        if pairs:
+            guided, shadows = (torch.tensor(side, device=self._device) for side in zip(*pairs, strict=True))
+            tokens[shadows] = tokens[guided]
         self._tok[s] = tokens
         done = []
         for i, (row, token) in enumerate(zip(rows, tokens.tolist(), strict=True)):
-            if row.is_shadow:
-                if token == self._eos:
-                    row.finished = True
-                else:
-                    row.new_ids.append(token)
-                if row.finished or len(row.new_ids) >= row.limit:
-                    done.append(first + i)
-                continue
             if token == self._eos:
                 row.finished = True
             else:
                 row.new_ids.append(token)
+            finished = row.finished or len(row.new_ids) >= row.limit
+            if finished:
+                done.append(first + i)
+            if row.is_shadow:
+                continue
             if row.next_tags is not None:
                 row.next_tags.feed(self._tag_kinds.get(token))
-            finished = row.finished or len(row.new_ids) >= row.limit
             if row.job.on_text is not None and len(row.new_ids) > row.streamed and (
                     finished or token in self._tags or len(row.new_ids) - row.streamed >= STREAM_EVERY):
                 row.streamed = len(row.new_ids)
                 _call(row.job, row.job.on_text, self._decode(row.new_ids).rstrip("\ufffd"))  # hide a half character
-            if finished:
-                done.append(first + i)
         if done:
             self._remove(done)
 
-    def _guide(self, rows: list[_Row], logits: torch.Tensor) -> None:
-        """Classifier-free guidance: each guided row's logits become log p(cond) + (scale - 1) * (log p(cond) -
-        log p(uncond)), with its shadow's logits as the unconditional ones."""
-        position = {id(row): i for i, row in enumerate(rows)}
-        pairs = [(i, position[id(row.shadow)], row.sampling.guidance_scale) for i, row in enumerate(rows)
-                 if row.shadow is not None]
-        cond = torch.tensor([i for i, _, _ in pairs], device=logits.device)
-        uncond = torch.tensor([j for _, j, _ in pairs], device=logits.device)
-        scale = torch.tensor([g for _, _, g in pairs], device=logits.device, dtype=torch.float32).unsqueeze(1)
+    def _guide(self, rows: list[_Row], logits: torch.Tensor, pairs: list[tuple[int, int]]) -> None:
+        """Classifier-free guidance: for each (guided row, its shadow) pair, the guided row's logits become
+        log p(cond) + (scale - 1) * (log p(cond) - log p(uncond)), with the shadow's logits as the unconditional
+        ones."""
+        cond = torch.tensor([i for i, _ in pairs], device=logits.device)
+        uncond = torch.tensor([j for _, j in pairs], device=logits.device)
+        scale = torch.tensor([rows[i].sampling.guidance_scale for i, _ in pairs], device=logits.device,
+                             dtype=torch.float32).unsqueeze(1)
         c = torch.log_softmax(logits[cond].float(), dim=-1)
         u = torch.log_softmax(logits[uncond].float(), dim=-1)
         logits[cond] = (u + scale * (c - u)).to(logits.dtype)
