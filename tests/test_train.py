@@ -66,3 +66,40 @@ def test_run_names_say_what_the_run_is_and_stay_short_along_a_chain(tmp_path):
     second = run_name(TrainConfig(data="data/hn-focus", init=str(base / "best"), lr=5e-4))
     assert second.startswith(f"hn-focus-ft-{first.rsplit('-', 1)[-1]}-ctx512-lr0.0005-") and len(second) < 50
     assert run_name(TrainConfig(init="gpt2-medium")).startswith("default-ft-gpt2-medium-")
+
+
+def test_growing_a_model_deeper_keeps_what_it_computes():
+    from training.train import grow_depth
+
+    model = _model().eval()
+    x = torch.randint(0, 300, (2, 30))
+    with torch.no_grad():
+        before = model(input_ids=x).logits
+        greedy = model.generate(x[:1, :5], max_new_tokens=8, do_sample=False, pad_token_id=0)
+    first_blocks = list(model.transformer.h)
+    grow_depth(model, 5)
+    assert model.config.n_layer == len(model.transformer.h) == 5
+    # 2 -> 5: block 0, two copies of it, block 1, one copy of it.
+    assert model.transformer.h[0] is first_blocks[0] and model.transformer.h[3] is first_blocks[1]
+    copies = [model.transformer.h[i] for i in (1, 2, 4)]
+    assert all(block.attn.c_proj.weight.abs().sum() == 0 and block.mlp.c_proj.weight.abs().sum() == 0
+               for block in copies)
+    torch.testing.assert_close(copies[0].attn.c_attn.weight, first_blocks[0].attn.c_attn.weight)
+    assert [block.attn.layer_idx for block in model.transformer.h] == [0, 1, 2, 3, 4]
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=x).logits, before)
+        torch.testing.assert_close(gpt2_logits(model, x), before, atol=1e-5, rtol=1e-5)
+        # The KV cache is per layer: generating with it must still match.
+        assert torch.equal(model.generate(x[:1, :5], max_new_tokens=8, do_sample=False, pad_token_id=0), greedy)
+    # The copies learn: their zero projections get gradient at once.
+    gpt2_logits(model, x).square().mean().backward()
+    assert copies[0].mlp.c_proj.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="at least"):
+        grow_depth(_model(), 1)
+
+
+def test_a_grown_run_says_so_in_its_name(tmp_path):
+    from training.train import run_name
+
+    assert "-ft-gpt2-grow16L-" in run_name(TrainConfig(init="gpt2", grow_layers=16))
+    assert "grow" not in run_name(TrainConfig(init="gpt2"))

@@ -57,7 +57,14 @@ async def test_pipeline_from_thread_json_to_a_generating_checkpoint(tmp_path, ca
     assert [m["step"] for m in metrics] == [2, 4, 6]
     assert all(m["val_loss"] < 7 for m in metrics)  # ln(320) ≈ 5.8: learning, not diverging
 
-    engine = Engine(run / "best", threads=1)
+    # Grow the run one layer deeper and go on training it: the grown checkpoint is what the engine loads.
+    assert main(["train", "--data", str(data), "--out-dir", str(runs), "--init", str(run / "best"),
+                 "--grow-layers", "2", "--max-steps", "2", *tiny]) == 0
+    [grown] = [r for r in runs.iterdir() if r != run]
+    assert "-grow2L-" in grown.name
+    assert json.loads((grown / "best" / "config.json").read_text())["n_layer"] == 2
+
+    engine = Engine(grown / "best", threads=1)
     await engine.start()
     try:
         [result] = await engine.generate([GenerationRequest(prompt("Story 1: rust memory"), 3,

@@ -33,6 +33,7 @@ class TrainConfig:
     out_dir: str = "runs"  # runs are written to out_dir/<run name>
     run_name: str = ""  # empty: derived from the config
     init: str = "scratch"  # "scratch", a checkpoint directory, or a hub name (gpt2, gpt2-medium, ...)
+    grow_layers: int = 0  # deepen the --init checkpoint to this many layers (see grow_depth); 0 = keep its depth
     # model shape (scratch only)
     n_layer: int = 4
     n_head: int = 4
@@ -70,6 +71,8 @@ def run_name(config: TrainConfig) -> str:
     if (base.parent / "config.json").is_file() and base.name == "best":
         base_name = base_name.rsplit("-", 1)[-1]  # another run: its hash names it (chains of runs stay short)
     shape = "ft-" + base_name if config.init != "scratch" else f"{config.n_layer}L{config.n_embd}d"
+    if config.grow_layers and config.init != "scratch":
+        shape += f"-grow{config.grow_layers}L"
     blob = json.dumps(dataclasses.asdict(config), sort_keys=True).encode()
     return f"{Path(config.data).name}-{shape}-ctx{config.block_size}-lr{config.lr:g}-{hashlib.sha1(blob).hexdigest()[:6]}"
 
@@ -86,6 +89,7 @@ def lr_at(step: int, c: TrainConfig, elapsed_s: float = 0.0) -> float:
 
 
 def build_model(c: TrainConfig, tokenizer):
+    import torch
     from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
     if c.init == "scratch":
@@ -95,10 +99,46 @@ def build_model(c: TrainConfig, tokenizer):
             bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
         )
         return GPT2LMHeadModel(config)
-    model = AutoModelForCausalLM.from_pretrained(c.init)
+    model = AutoModelForCausalLM.from_pretrained(c.init, dtype=torch.float32)  # a shipped fp16 export trains in fp32
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))  # the format's tags are new tokens
+    if c.grow_layers:
+        grow_depth(model, c.grow_layers)
     return model
+
+
+def grow_depth(model, n_layer: int) -> None:
+    """Deepen a trained GPT-2 to ``n_layer`` blocks without changing what it computes.
+
+    Growing a small model that has stopped improving is cheaper than training the deeper one from scratch
+    (progressive stacking, Gong et al. 2019). Each new block is a copy of the block it follows, so its attention and
+    MLP start with useful input weights, but its two output projections start at zero: the block adds nothing to the
+    residual stream, so the grown model's logits equal the original's at step 0 and training starts from the
+    original's loss instead of a jump. The copies' zero projections get gradient at once and open up from there."""
+    import copy
+
+    import torch
+
+    blocks = model.transformer.h
+    old = len(blocks)
+    if n_layer < old:
+        raise ValueError(f"grow_layers ({n_layer}) must be at least the checkpoint's depth ({old})")
+    grown = []
+    for i in range(n_layer):
+        source = i * old // n_layer  # spread the copies evenly: 4 -> 8 gives 0, 0', 1, 1', 2, 2', 3, 3'
+        if grown and grown[-1][0] == source:
+            block = copy.deepcopy(blocks[source])
+            with torch.no_grad():
+                for projection in (block.attn.c_proj, block.mlp.c_proj):
+                    projection.weight.zero_()
+                    projection.bias.zero_()
+        else:
+            block = blocks[source]
+        grown.append((source, block))
+    model.transformer.h = torch.nn.ModuleList(block for _, block in grown)
+    for i, block in enumerate(model.transformer.h):
+        block.attn.layer_idx = i  # the KV cache is indexed by layer
+    model.config.n_layer = n_layer
 
 
 class Batches:
