@@ -68,7 +68,6 @@ BINS = 4096  # top-p: histogram bins between the row's smallest logit (or max - 
 SPAN = 30.0  # top-p: logits more than this below the row's max share the lowest bin (e^-30: far below any top_p)
 STREAM_EVERY = 16  # on_text fires every this many new tokens, and whenever a <|c|> or <|ec|> tag is produced
 CACHE_STEP = 128  # the KV cache grows in steps of this many positions
-ONEDNN_ROWS = 4  # CPU fp32: matrix products of at least this many rows use oneDNN, fewer use MKL
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 _DTYPES = {
@@ -270,14 +269,14 @@ class CachedGPT2:
 
     The cache is `k`, `v` of shape [layers, slots, heads, capacity, head_dim]. A sequence lives in one slot with
     its token at position p stored at index p (no padding inside a slot). `decode` runs rows 0..n-1 = slots 0..n-1.
-    Weight matrices are copied once as [out, in]; the embeddings, layer norms and biases are the model's own
-    tensors; the model object itself is not kept. Only the first `vocab` output rows are computed (a checkpoint's
+    Weight matrices are held by `_Linear` in the layout that suits the device (packed for oneDNN on CPU); the
+    embeddings, layer norms and biases are the model's own tensors; the model object itself is not kept. Only the first `vocab` output rows are computed (a checkpoint's
     padding rows are never produced).
     """
 
     def __init__(self, model: Any, slots: int, vocab: int | None = None, *, release: bool = False) -> None:
-        """release: empty the model's matrices as they are copied (the model is unusable afterwards), so loading
-        needs one copy of the weights at a time, not two."""
+        """release: empty the model's matrices once they are repacked (the model is unusable afterwards), so loading
+        needs one extra copy of one matrix at a time, not of the whole model."""
         config = model.config
         if getattr(config, "add_cross_attention", False):
             raise ValueError("GPT-2 with cross-attention is not supported")
@@ -296,30 +295,29 @@ class CachedGPT2:
         else:
             from transformers.activations import ACT2FN
             self.act = ACT2FN[config.activation_function]
-        # Matrices as [out, in] contiguous (the layout oneDNN's matmul reads fastest; GPT-2 stores [in, out]).
-        def t(p: torch.nn.Parameter) -> torch.Tensor:
-            out = p.detach().t().contiguous()
-            if release:
-                p.data = torch.empty(0, device=p.device, dtype=p.dtype)
-            return out
+        out = model.lm_head.weight.detach()
+        cpu = out.device.type == "cpu"
+        pack = _packing_rows(slots) if cpu and out.dtype in (torch.float32, torch.bfloat16) else None
+        single_row = cpu and out.dtype == torch.float32
+
+        def linear(conv: Any) -> _Linear:
+            # GPT-2's Conv1D stores its weight [in, out]; _Linear takes [out, in] (a view is enough).
+            matrix = _Linear(conv.weight.detach().t(), conv.bias.detach(), pack=pack, single_row=single_row)
+            if release and not matrix.keeps(conv.weight):
+                conv.weight.data = torch.empty(0, device=conv.weight.device, dtype=conv.weight.dtype)
+            return matrix
 
         self.layers = [
-            (b.ln_1.weight.detach(), b.ln_1.bias.detach(), t(b.attn.c_attn.weight), b.attn.c_attn.bias.detach(),
-             t(b.attn.c_proj.weight), b.attn.c_proj.bias.detach(), b.ln_2.weight.detach(), b.ln_2.bias.detach(),
-             t(b.mlp.c_fc.weight), b.mlp.c_fc.bias.detach(), t(b.mlp.c_proj.weight), b.mlp.c_proj.bias.detach())
+            (b.ln_1.weight.detach(), b.ln_1.bias.detach(), linear(b.attn.c_attn), linear(b.attn.c_proj),
+             b.ln_2.weight.detach(), b.ln_2.bias.detach(), linear(b.mlp.c_fc), linear(b.mlp.c_proj))
             for b in body.h
         ]
         self.wpe = body.wpe.weight.detach()
         self.wte = body.wte.weight.detach()
         self.ln_f = (body.ln_f.weight.detach(), body.ln_f.bias.detach())
-        out = model.lm_head.weight.detach()
-        self.head = out[: self.vocab]  # [vocab, d]: the embedding itself when tied (GPT-2's default)
-        cpu, fp32 = out.device.type == "cpu", out.dtype == torch.float32
-        # fp32: MKL over a [d, vocab] copy is the fastest output projection for 1 row (~10 % faster than any kernel
-        # over [vocab, d]) and from 4 rows on (as fast as oneDNN); F.linear wins at 2-3. Costs a second copy.
-        self.head_t = self.head.t().contiguous() if cpu and fp32 else None
-        self._matmul = _cpu_linear() if cpu and fp32 else None  # ONEDNN_ROWS rows or more, fp32
-        self._gemv = cpu and not fp32  # one row, bf16/fp16: torch.mv reads ~1.5x faster than F.linear
+        # Only the first `vocab` rows: [vocab, d], a view of the embedding itself when tied (GPT-2's default), which
+        # the embedding lookup needs anyway: never released.
+        self.head = _Linear(out[: self.vocab], None, pack=pack, single_row=single_row)
         self.device, self.dtype = out.device, out.dtype
         self.capacity = 0
         self.k = self.v = self._empty_cache(0)
@@ -345,25 +343,12 @@ class CachedGPT2:
     def cache_bytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
 
-    def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """x @ weight.T + bias. On CPU fp32, oneDNN from ONEDNN_ROWS rows: with the weights streaming from memory,
-        MKL's GEMM is 20-40 % slower at 4-16 rows, but faster at 1-2 (measured on this project's CPU)."""
-        if self._matmul is not None and x.shape[0] >= ONEDNN_ROWS:
-            return self._matmul(x, weight, bias, "none", [], "")
-        if self._gemv and x.shape[0] == 1:
-            y = torch.mv(weight, x[0])
-            return (y if bias is None else y.add_(bias)).unsqueeze(0)
-        return F.linear(x, weight, bias)
-
-    def _mlp(self, x: torch.Tensor, layer: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        h = F.layer_norm(x, (self.d,), layer[6], layer[7], self.eps)
-        return x + self._linear(self.act(self._linear(h, layer[8], layer[9])), layer[10], layer[11])
+    def _mlp(self, x: torch.Tensor, layer: tuple[Any, ...]) -> torch.Tensor:
+        h = F.layer_norm(x, (self.d,), layer[4], layer[5], self.eps)
+        return x + layer[7](self.act(layer[6](h)))
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.layer_norm(x, (self.d,), *self.ln_f, self.eps)
-        if self.head_t is not None and x.shape[0] not in (2, 3):
-            return torch.mm(x, self.head_t)
-        return self._linear(x, self.head, None)
+        return self.head(F.layer_norm(x, (self.d,), *self.ln_f, self.eps))
 
     @torch.inference_mode()
     def prefill(self, first: int, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -383,12 +368,12 @@ class CachedGPT2:
         x = (F.embedding(ids, self.wte) + self.wpe[:width]).view(m * width, self.d)
         for i, layer in enumerate(self.layers):
             h = F.layer_norm(x, (self.d,), layer[0], layer[1], self.eps)
-            qkv = self._linear(h, layer[2], layer[3]).view(m, width, 3, self.n_head, self.head_dim)
+            qkv = layer[2](h).view(m, width, 3, self.n_head, self.head_dim)
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [m, heads, width, head_dim] each
             self.k[i, first: first + m, :, :width] = k
             self.v[i, first: first + m, :, :width] = v
             a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scales[i])
-            x = x + self._linear(a.transpose(1, 2).reshape(m * width, self.d), layer[4], layer[5])
+            x = x + layer[3](a.transpose(1, 2).reshape(m * width, self.d))
             x = self._mlp(x, layer)
         last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
         return self._logits(x.view(m, width, self.d)[torch.arange(m, device=self.device), last])
@@ -413,20 +398,22 @@ class CachedGPT2:
         x = F.embedding(tokens, self.wte) + self.wpe[positions]
         for i, layer in enumerate(self.layers):
             h = F.layer_norm(x, (self.d,), layer[0], layer[1], self.eps)
-            q, k, v = self._linear(h, layer[2], layer[3]).view(n, 3, self.n_head, self.head_dim).unbind(1)
+            q, k, v = layer[2](h).view(n, 3, self.n_head, self.head_dim).unbind(1)
             keys, values = self.k[i], self.v[i]
             keys[rows, :, positions] = k  # in place, at each row's own position
             values[rows, :, positions] = v
             a = self._attend(q.unsqueeze(2), keys[:n, :, :length], values[:n, :, :length], mask, self.scales[i])
-            x = x + self._linear(a.reshape(n, self.d), layer[4], layer[5])
+            x = x + layer[3](a.reshape(n, self.d))
             x = self._mlp(x, layer)
         return self._logits(x)
 
     def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
                 scale: float) -> torch.Tensor:
-        """One query per row over its cached keys. On CPU two batched matrix products and a softmax: 10-30 % faster
-        than SDPA's CPU kernel for this shape (measured: 32 rows x 200 positions, and 4 rows), the same numbers."""
-        if self.device.type != "cpu":
+        """One query per row over its cached keys. On CPU in fp32, two batched matrix products and a softmax: 10-30 %
+        faster than SDPA's CPU kernel for this shape (measured: 32 rows x 200 positions, and 4 rows), the same
+        numbers. In bf16/fp16 the batched products first copy the strided cache slice (23 ms of a 65 ms step at 32
+        rows x 200 positions, gpt2 shape), while SDPA reads it in place: 17 ms against 37 ms for the attention."""
+        if self.device.type != "cpu" or self.dtype != torch.float32:
             return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
         scores = torch.matmul(q, keys.transpose(-1, -2)).mul_(scale)
         if mask is not None:
@@ -954,13 +941,49 @@ class Engine:
         return self._tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
-def _cpu_linear() -> Callable[..., torch.Tensor] | None:
-    """oneDNN's fp32 linear (the op torch.compile uses on CPU), if this torch build has it."""
+class _Linear:
+    """``x @ weight.T + bias`` with the kernel that reads these weights fastest for x's row count.
+
+    On CPU in fp32 and bf16 the weights are packed once into oneDNN's blocked layout (what torch.compile's
+    freezing does): oneDNN then streams them instead of reordering them every call. Measured on this project's
+    2-core CPU, gpt2 shape, all 49 matrices of a decode step: fp32 14-27 % faster from 4 rows on and as fast at 2;
+    bf16 9-35 % faster at every row count. One row in fp32 is the exception: MKL over the [in, out] layout (GPT-2's
+    own) reads at ~31 GB/s against ~25 for the packed weights, so fp32 keeps that copy too, for single rows (one
+    extra copy of the matrices, 340 MB for gpt2-124M; a request with guidance always runs two rows).
+    Elsewhere (CUDA, fp16 on CPU, a torch without oneDNN) it is ``F.linear`` over [out, in]."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, pack: int | None,
+                 single_row: bool) -> None:
+        """weight: [out, in] (a view is fine); pack: the row count to pack for, or None not to pack."""
+        self.bias = bias
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), pack) if pack else None
+        self.plain = None if self.packed is not None else weight.contiguous()
+        # [in, out] contiguous: for a view of GPT-2's Conv1D weight that is the checkpoint's own tensor (no copy).
+        self.in_out = weight.t().contiguous() if single_row and self.packed is not None else None
+
+    def keeps(self, tensor: torch.Tensor) -> bool:
+        """Whether this still reads `tensor`'s memory (then it must not be freed)."""
+        ptr = tensor.data_ptr()
+        return any(t is not None and t.data_ptr() == ptr for t in (self.plain, self.in_out))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.in_out is not None and x.shape[0] == 1:
+            y = torch.mm(x, self.in_out)
+            return y if self.bias is None else y.add_(self.bias)
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return F.linear(x, self.plain, self.bias)
+
+
+def _packing_rows(slots: int) -> int | None:
+    """The row count to pack CPU weights for (the decode batch), or None where this torch cannot pack them."""
     try:
-        op = torch.ops.mkldnn._linear_pointwise
-        x, w = torch.ones(2, 4), torch.ones(3, 4)
-        if torch.backends.mkldnn.is_available() and torch.equal(op(x, w, None, "none", [], ""), F.linear(x, w)):
-            return op
+        op, pack = torch.ops.mkldnn._linear_pointwise, torch.ops.mkldnn._reorder_linear_weight
+        if not torch.backends.mkldnn.is_available():
+            return None
+        x, w = torch.ones(2, 4), torch.arange(12.0).view(3, 4)
+        if torch.equal(op(x, pack(w, 2), None, "none", [], ""), F.linear(x, w)):
+            return max(1, slots)
     except (AttributeError, RuntimeError):
         pass
     return None

@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoTokenizer, GPT2LMHeadModel
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
@@ -615,7 +616,7 @@ async def test_loads_a_tokenizer_whose_unknown_token_is_end_of_text(tiny_path, t
 
 
 def test_forward_in_bfloat16_stays_close(tiny_path):
-    """bf16 on CPU (oneDNN/AMX matrices, matrix-vector products for one row): close to fp32 transformers."""
+    """bf16 on CPU (packed oneDNN/AMX matrices, SDPA attention): close to fp32 transformers."""
     reference = GPT2LMHeadModel.from_pretrained(tiny_path).eval()
     forward = CachedGPT2(GPT2LMHeadModel.from_pretrained(tiny_path, dtype=torch.bfloat16).eval(), slots=3)
     tokenizer = build_tokenizer()
@@ -632,6 +633,44 @@ def test_forward_in_bfloat16_stays_close(tiny_path):
             alone, _ = _hf_last_logits(reference, seqs[:n], forward.vocab)
             assert (ours - alone).abs().max() < 0.05
             seqs = seqs[:n]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_matrix_kernel_computes_the_same_product(dtype):
+    """_Linear picks a kernel by row count (packed oneDNN weights, MKL over [in, out] for one fp32 row, F.linear
+    elsewhere): each must give x @ W.T + b for every row count the engine uses."""
+    from model.engine import _Linear, _packing_rows
+
+    torch.manual_seed(0)
+    weight, bias = torch.randn(96, 64).to(dtype), torch.randn(96).to(dtype)
+    variants = {"packed": _Linear(weight, bias, pack=_packing_rows(4), single_row=dtype == torch.float32),
+                "plain": _Linear(weight, bias, pack=None, single_row=False)}
+    if _packing_rows(4) is not None:
+        assert variants["packed"].packed is not None
+    tolerance = 1e-4 if dtype == torch.float32 else 0.1
+    for rows in (1, 2, 3, 4, 7, 32):
+        x = torch.randn(rows, 64).to(dtype)
+        expected = F.linear(x.float(), weight.float(), bias.float())
+        for name, matrix in variants.items():
+            got = matrix(x).float()
+            assert (got - expected).abs().max() < tolerance, (name, rows)
+
+
+def test_loading_frees_the_checkpoint_matrices_it_does_not_read(tiny_path):
+    """With release, CachedGPT2 empties each checkpoint matrix once it holds its own copy, and keeps (without
+    copying) the ones it reads directly: GPT-2's [in, out] layout for single fp32 rows."""
+    from model.engine import _packing_rows
+
+    for dtype in (torch.float32, torch.bfloat16):
+        model = GPT2LMHeadModel.from_pretrained(tiny_path, dtype=dtype).eval()
+        kept = model.transformer.h[0].mlp.c_fc.weight.data_ptr()
+        forward = CachedGPT2(model, slots=4, release=True)
+        weight = model.transformer.h[0].mlp.c_fc.weight
+        if _packing_rows(4) is not None and dtype == torch.bfloat16:
+            assert weight.numel() == 0  # packed: the checkpoint's copy is gone
+        elif _packing_rows(4) is not None:
+            assert forward.layers[0][6].in_out.data_ptr() == kept  # read in place for one row, not copied
+        assert model.transformer.wte.weight.numel() > 0  # the embedding is always read
 
 
 async def test_the_kv_cache_is_allocated_once(engine):
