@@ -378,8 +378,8 @@ def run_bench(shape: str = "gpt2", model: str | Path | None = None, *, batches: 
               progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the benchmark (see the module docstring) and return its results as a JSON-ready dict.
 
-    Keys: engine_tok_per_s, generate_tok_per_s, speedup_vs_generate, engine_fraction_of_limit (objects keyed by
-    batch size as a string), limits, continuous, first_token_s, first_comment_s, first_comment_busy_s,
+    Keys: engine_tok_per_s, generate_tok_per_s, speedup_vs_generate, engine_fraction_of_limit, threads_per_minute
+    (objects keyed by batch size as a string), limits, continuous, first_token_s, first_comment_s, first_comment_busy_s,
     first_comment_basis, peak_memory_mb, model, settings, machine.
     """
     import torch
@@ -425,6 +425,8 @@ def run_bench(shape: str = "gpt2", model: str | Path | None = None, *, batches: 
         out["model"] = {**info, "shape": None if model else shape, "path": str(model) if model else None,
                         "prompt_tokens": engine.pop("prompt_tokens")}
         out["engine_tok_per_s"] = engine.pop("tok_per_s")
+        # Whole threads of new_tokens each (the issue's GPU figure: --new-tokens 1000), at each batch size.
+        out["threads_per_minute"] = {b: round(t * 60 / new_tokens, 1) for b, t in out["engine_tok_per_s"].items()}
         if generate:
             with _peak_memory(memory, "generate", info["device"]):
                 out["generate_tok_per_s"] = _generate_phase(path, prompts, info["device"], info["dtype"], settings,
@@ -503,15 +505,16 @@ def format_table(r: dict[str, Any]) -> str:
     lines.append(f"load average at start: {r['machine']['load_average_at_start']}")
     lines.append("")
     lines.append(f"{'batch':>5} | {'engine tok/s':>12} | {'generate tok/s':>14} | {'engine/generate':>15} | "
-                 f"{'limit tok/s':>11} | {'engine/limit':>12}")
-    lines.append("-" * 88)
+                 f"{'limit tok/s':>11} | {'engine/limit':>12} | {'threads/min':>11}")
+    lines.append("-" * 102)
     for b, e in r["engine_tok_per_s"].items():
         g = r["generate_tok_per_s"].get(b)
         x = r["speedup_vs_generate"].get(b)
         li = lim.get("tok_per_s", {}).get(b) if lim else None
         f = r["engine_fraction_of_limit"].get(b)
         lines.append(f"{b:>5} | {e:>12} | {_cell(g):>14} | {_cell(x, 'x'):>15} | {_cell(li):>11} | "
-                     f"{_cell(None if f is None else round(100 * f), ' %'):>12}")
+                     f"{_cell(None if f is None else round(100 * f), ' %'):>12} | "
+                     f"{_cell(r['threads_per_minute'].get(b)):>11}")
     lines.append("")
     c = r.get("continuous")
     if c:

@@ -28,6 +28,8 @@ def test_reports_the_required_keys(result):
     assert result["peak_memory_mb"]["engine"] > 0 and result["peak_memory_mb"]["generate"] > 0
     assert result["model"]["shape"] == "tiny" and result["model"]["vocab_size"] == 600
     assert result["settings"]["new_tokens"] == 6 and result["machine"]["torch_threads"] == 1
+    for b in BATCHES:  # threads of new_tokens (6) each
+        assert result["threads_per_minute"][b] == pytest.approx(result["engine_tok_per_s"][b] * 10, rel=0.01)
 
 
 def test_continuous_batching_gives_the_same_tokens(result):
