@@ -481,7 +481,7 @@ def test_export_card_describes_each_stage_of_a_curriculum(tiny, tmp_path):
     second.mkdir()
     shutil.copytree(first / "best", second / "best")
     config = {**json.loads((first / "config.json").read_text()), "init": str(first / "best"), "lr": 0.0005,
-              "data": str(tmp_path / "data" / "hn-focus")}
+              "data": str(tmp_path / "data" / "hn-focus"), "grow_layers": 4}
     (second / "config.json").write_text(json.dumps(config))
     (second / "metrics.jsonl").write_text(json.dumps({"step": 40, "val_loss": 3.0, "tokens": 10240,
                                                       "elapsed_s": 20.0}) + "\n")
@@ -495,6 +495,7 @@ def test_export_card_describes_each_stage_of_a_curriculum(tiny, tmp_path):
     stage1, stage2 = card.index("### Stage 1"), card.index("### Stage 2")
     assert stage1 < card.index("Run `default-2L64d`") < stage2 < card.index("Run `hn-focus-ft-default-2L64d`")
     assert "from scratch" in card[stage1:stage2] and "learning rate 0.0005" in card[stage2:]
+    assert "grown to 4 layers" in card[stage2:] and "grown" not in card[stage1:stage2]
     assert "In all: 0.0 M tokens, 0.02 h." in card  # 25,600 + 10,240 tokens, 61 + 20 s
     assert "| train | 10 | 30 |" in card and "| train | 4 | 7 |" in card  # both stages' data
     assert card.index("| train | 10 | 30 |") < card.index("| train | 4 | 7 |")

@@ -304,7 +304,11 @@ def _run_lines(run: dict[str, Any]) -> list[str]:
     lines = [f"Run `{run.get('name')}`.", ""]
     if c:
         init = c.get("init", "scratch")
-        lines.append(f"- initialisation: {'from scratch' if init == 'scratch' else f'finetuned from `{init}`'}")
+        start = "from scratch" if init == "scratch" else f"finetuned from `{init}`"
+        if c.get("grow_layers") and init != "scratch":
+            start += (f", grown to {c['grow_layers']} layers (each new layer a copy of the one before it, its "
+                      "output projections at zero: the same function at step 0)")
+        lines.append(f"- initialisation: {start}")
         lines.append(f"- data: `{c.get('data')}`; sequences of {c.get('block_size')} tokens, "
                      f"{c.get('batch_size')} × {c.get('grad_accum', 1)} sequences per step")
         lines.append(f"- optimiser: AdamW, learning rate {c.get('lr')} (warm-up {c.get('warmup_steps')} steps, "
