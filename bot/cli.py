@@ -77,13 +77,11 @@ async def generate_thread(engine, title: str, url: str | None, seed: int, settin
     """One thread for a title, retrying with the worker's next seeds when a generation has no usable comment.
     Returns (thread, parse result, the seed that produced it)."""
     from bot.worker import next_seed
-    from model.engine import GenerationRequest, SamplingSettings
+    from model.engine import GenerationRequest
     from model.format import parse_generation, prompt
     from model.tree import Thread
 
-    sampling = SamplingSettings(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
-                                max_new_tokens=max_new_tokens or settings.max_new_tokens,
-                                guidance_scale=settings.guidance_scale)
+    sampling = settings.sampling(max_new_tokens=max_new_tokens or None)
     for _ in range(settings.generation_retries + 1):
         [result] = await engine.generate([GenerationRequest(prompt(title, url), seed, sampling)])
         parsed = parse_generation(result.text, result.finished)

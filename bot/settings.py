@@ -77,6 +77,16 @@ class Settings:
     def replace(self, **changes) -> Settings:
         return dataclasses.replace(self, **changes)
 
+    def sampling(self, **overrides):
+        """The engine's ``SamplingSettings`` for these settings (what users get); ``overrides`` that are not None
+        replace a field (e.g. ``max_new_tokens``)."""
+        from model.engine import SamplingSettings  # torch: only when something is about to generate
+
+        values = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                      max_new_tokens=self.max_new_tokens, guidance_scale=self.guidance_scale)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return SamplingSettings(**values)
+
     @classmethod
     def load(cls, config_file: str | os.PathLike | None = None, env: dict[str, str] | None = None) -> Settings:
         env = dict(os.environ if env is None else env)

@@ -285,10 +285,8 @@ async def _engine_phase(path: Path, prompts: list[list[int]], real_text: bool, s
             # What a user gets: the bot's own sampling settings, guidance and format rules included.
             from bot.settings import Settings
 
-            bot = Settings()
-            product = SamplingSettings(temperature=bot.temperature, top_p=bot.top_p, top_k=bot.top_k,
-                                       max_new_tokens=400, guidance_scale=bot.guidance_scale)
-            await engine.submit(GenerationRequest(probe_prompt, 7, product), on_text=on_text)
+            await engine.submit(GenerationRequest(probe_prompt, 7, Settings().sampling(max_new_tokens=400)),
+                                on_text=on_text)
             return closed[0] if closed else None
 
         out["first_comment_s"] = _round(await first_comment())

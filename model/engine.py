@@ -270,8 +270,8 @@ class CachedGPT2:
     The cache is `k`, `v` of shape [layers, slots, heads, capacity, head_dim]. A sequence lives in one slot with
     its token at position p stored at index p (no padding inside a slot). `decode` runs rows 0..n-1 = slots 0..n-1.
     Weight matrices are held by `_Linear` in the layout that suits the device (packed for oneDNN on CPU); the
-    embeddings, layer norms and biases are the model's own tensors; the model object itself is not kept. Only the first `vocab` output rows are computed (a checkpoint's
-    padding rows are never produced).
+    embeddings, layer norms and biases are the model's own tensors; the model object itself is not kept. Only the
+    first `vocab` output rows are computed (a checkpoint's padding rows are never produced).
     """
 
     def __init__(self, model: Any, slots: int, vocab: int | None = None, *, release: bool = False) -> None:

@@ -267,13 +267,8 @@ async def sample_threads(engine, threads: Sequence[Thread], *, seed: int = 0, ba
 def default_sampling(**overrides):
     """The bot's own sampling settings (``bot.settings.Settings`` defaults), so samples look like what users get."""
     from bot.settings import Settings
-    from model.engine import SamplingSettings
 
-    s = Settings()
-    values = dict(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_new_tokens=s.max_new_tokens,
-                  guidance_scale=s.guidance_scale)
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return SamplingSettings(**values)
+    return Settings().sampling(**overrides)
 
 
 def real_continuation(thread: Thread) -> str:
