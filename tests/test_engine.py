@@ -15,6 +15,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 from bot.errors import ModelNotInstalled
 from model.engine import (
     CANDIDATES,
+    DRAWS,
     STREAM_EVERY,
     CachedGPT2,
     Engine,
@@ -313,6 +314,42 @@ def test_sampler_matches_transformers_nucleus(spread, temperature, top_k, top_p)
     counts = torch.bincount(tokens, minlength=vocab).double() / n_draws
     assert (counts - probs[0].double()).abs().max() < 2 / n_draws + 1e-4  # in the right proportions
     assert (counts > 0)[probs[0] > 2 / n_draws].all()  # every token with a visible share is drawn
+
+
+@pytest.mark.parametrize("draws", [DRAWS, 2])  # the engine's uniforms per step; 2: many rows reach the fallback
+@pytest.mark.parametrize(("spread", "temperature", "top_p"), [(4.0, 0.9, 0.95), (0.3, 1.0, 0.5), (2.0, 1.2, 0.3)])
+def test_rejection_nucleus_draws_the_nucleus_distribution(draws, spread, temperature, top_p):
+    """Several uniforms per row: top-p by rejection (then the histogram path for rows rejected every time) must draw
+    only nucleus tokens, in transformers' proportions (a statistical check: 4 standard errors)."""
+    torch.manual_seed(4)
+    vocab, n_draws = 500, 20_000
+    logits = torch.randn(1, vocab) * spread
+    allowed, probs = _reference_keep(logits, temperature, 0, top_p)
+    generator = torch.Generator().manual_seed(5)
+    uniforms = torch.rand(n_draws, draws, dtype=torch.float64, generator=generator)
+    tokens = sample_tokens(logits.expand(n_draws, vocab), uniforms, torch.full((n_draws,), temperature),
+                           torch.zeros(n_draws, dtype=torch.long), torch.full((n_draws,), top_p))
+    assert allowed[0, tokens].all()
+    counts = torch.bincount(tokens, minlength=vocab).double() / n_draws
+    p = probs[0].double()
+    assert ((counts - p).abs() <= 4 * (p * (1 - p) / n_draws).sqrt() + 1e-4).all()
+
+
+def test_rejection_nucleus_rows_are_independent_and_seeded():
+    """With several uniforms a row's token still depends on its own logits, settings and uniforms only."""
+    torch.manual_seed(6)
+    logits = torch.randn(6, 50_257) * torch.tensor([0.3, 0.55, 2.0, 5.0, 0.55, 1.0]).unsqueeze(1)
+    logits[:, 0] = float("-inf")
+    uniforms = torch.rand(6, DRAWS, dtype=torch.float64)
+    temperature, top_k, top_p = torch.full((6,), 0.9), torch.zeros(6, dtype=torch.long), torch.tensor(
+        [0.9, 0.95, 0.5, 0.9, 0.2, 0.99])
+    together = sample_tokens(logits, uniforms, temperature, top_k, top_p)
+    alone = [sample_tokens(logits[i:i + 1], uniforms[i:i + 1], temperature[i:i + 1], top_k[i:i + 1],
+                           top_p[i:i + 1]) for i in range(6)]
+    assert together.tolist() == torch.cat(alone).tolist()
+    assert (together != 0).all()
+    allowed = torch.stack([_reference_keep(logits[i:i + 1], 0.9, 0, float(top_p[i]))[0][0] for i in range(6)])
+    assert allowed[torch.arange(6), together].all()
 
 
 def test_sampler_rows_are_independent_and_greedy():
@@ -647,13 +684,18 @@ def test_every_matrix_kernel_computes_the_same_product(dtype):
                 "plain": _Linear(weight, bias, pack=None, single_row=False)}
     if _packing_rows(4) is not None:
         assert variants["packed"].packed is not None
+    variants["no bias"] = _Linear(weight, None, pack=_packing_rows(4), single_row=dtype == torch.float32)
     tolerance = 1e-4 if dtype == torch.float32 else 0.1
     for rows in (1, 2, 3, 4, 7, 32):
-        x = torch.randn(rows, 64).to(dtype)
-        expected = F.linear(x.float(), weight.float(), bias.float())
+        x, residual = torch.randn(rows, 64).to(dtype), torch.randn(rows, 96).to(dtype)
         for name, matrix in variants.items():
-            got = matrix(x).float()
-            assert (got - expected).abs().max() < tolerance, (name, rows)
+            product = F.linear(x.float(), weight.float(), None if name == "no bias" else bias.float())
+            # plain, then with the fused tanh GELU, then with the fused residual add
+            assert (matrix(x).float() - product).abs().max() < tolerance, (name, rows)
+            gelu = F.gelu(product, approximate="tanh")
+            assert (matrix(x, gelu=True).float() - gelu).abs().max() < tolerance, (name, rows, "gelu")
+            added = product + residual.float()
+            assert (matrix(x, add=residual).float() - added).abs().max() < 2 * tolerance, (name, rows, "add")
 
 
 def test_loading_frees_the_checkpoint_matrices_it_does_not_read(tiny_path):
