@@ -22,12 +22,13 @@ no vocabulary projection for prompt positions. The cache is allocated once and g
 only when an admitted request needs more positions than any before it.
 
 Sampling (`sample_tokens`) means what it means in transformers (temperature, then top-k, then top-p) and never
-sorts the vocabulary: top-k takes `torch.topk`; top-p finds the nucleus's cut-off with a 4096-bin histogram of the
-logits (one scatter-add) and a `torch.topk` of the one bin that holds the cut, then draws by inverse CDF over the
-kept tokens in vocabulary order.
+sorts the vocabulary: top-k takes `torch.topk`; top-p draws from the whole softmax by inverse CDF and keeps the draw
+if it lies inside the nucleus (rejection: exact, and a draw lands outside with probability < 1 - top_p); a row
+rejected three times finds the nucleus's cut-off with a 4096-bin histogram of the logits (one scatter-add) and a
+sort of the one bin that holds the cut, then draws by inverse CDF over the kept tokens in vocabulary order.
 
-Reproducibility. Each request carries a seed; its row draws one uniform number per step from its own
-`torch.Generator` and picks the token by inverse CDF over its own filtered distribution. So a request's tokens are a
+Reproducibility. Each request carries a seed; its row draws DRAWS uniform numbers per step from its own
+`torch.Generator` and picks the token from its own filtered distribution with them. So a request's tokens are a
 function of (model, prompt, sampling settings, seed) alone and not of the other requests in the batch:
   - same request, same seed, same device and dtype -> the same tokens, byte for byte (tested on CPU fp32);
   - a request in a batch vs the same request alone -> the same tokens on CPU fp32 in practice (tested), but not
