@@ -143,6 +143,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )
         """,
     ),
+    (
+        # The model's text so far, up to its last tag, saved before each streamed comment is posted: a job resumed
+        # after a crash continues from it instead of generating again (which need not give the same comments).
+        "ALTER TABLE jobs ADD COLUMN progress TEXT",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -206,10 +211,15 @@ WHERE id = ? AND status = 'running' AND (? IS NULL OR lease_owner = ?)
 RETURNING *
 """
 RESEED = """
-UPDATE jobs SET status = 'queued', seed = ?, generations = generations + 1,
+UPDATE jobs SET status = 'queued', seed = ?, generations = generations + 1, progress = NULL,
                 lease_owner = NULL, lease_expires_at = NULL, updated_at = ?
 WHERE id = ? AND status = 'running' AND (? IS NULL OR lease_owner = ?)
 RETURNING *
+"""
+# Only forward (a late write of a shorter text loses), and only under the job's lease.
+SAVE_PROGRESS = """
+UPDATE jobs SET progress = ?, updated_at = ?
+WHERE id = ? AND status = 'running' AND (? IS NULL OR lease_owner = ?) AND length(coalesce(progress, '')) <= length(?)
 """
 COMPLETE = """
 UPDATE jobs SET status = 'posting', result = ?, problems = ?, error = NULL,
@@ -313,6 +323,7 @@ class Job:
     error: str | None  # user-facing reason when failed; the last error while being retried
     thread_ref: str | None  # the platform thread the output went to
     purged_at: float | None
+    progress: str | None = None  # the model's text up to its last tag while running (see SAVE_PROGRESS)
 
     @property
     def is_finished(self) -> bool:
@@ -573,6 +584,14 @@ class Queue:
     async def reseed(self, job_id: int, seed: int, *, owner: str | None = None) -> Job | None:
         """Generate again with a new seed: back to the queue, ``generations`` + 1, no attempt counted."""
         return await self._update_one(RESEED, (seed, self._clock(), job_id, owner, owner))
+
+    async def save_progress(self, job_id: int, text: str, *, owner: str | None = None) -> bool:
+        """Remember what the model has written so far (a prefix of its final text, ending at a tag), so that a run
+        after a crash resumes from it. False if the job is not running (under ``owner``'s lease, when given) or a
+        longer text is already saved."""
+        async with self._write() as db, db.execute(SAVE_PROGRESS, (text, self._clock(), job_id, owner, owner,
+                                                                    text)) as cursor:
+            return cursor.rowcount == 1
 
     async def complete(self, job_id: int, result_json: str, problems: str | None = None, *,
                        owner: str | None = None) -> Job | None:

@@ -33,7 +33,7 @@ from typing import Any, Protocol
 from bot.queue import Job, JobStatus, Queue
 from bot.settings import Settings
 from model.engine import GenerationRequest, GenerationResult, SamplingSettings
-from model.format import ThreadParser, parse_generation, prompt
+from model.format import CLOSE, OPEN, ThreadParser, parse_generation, prompt
 from model.tree import Comment, Path, Thread
 
 log = logging.getLogger(__name__)
@@ -182,8 +182,10 @@ class Worker:
         tasks = []
         for job in jobs:
             try:
+                # A job that streamed comments before a crash continues from the text they came from.
                 request = GenerationRequest(prompt(job.title or job.input, job.url), job.seed,
-                                            SamplingSettings(**job.sampling, guidance_scale=s.guidance_scale))
+                                            SamplingSettings(**job.sampling, guidance_scale=s.guidance_scale),
+                                            written=job.progress or "")
             except Exception:
                 self._log(logging.ERROR, job, "could not build the generation request", exc_info=True)
                 await self._fail(job, BAD_SETTINGS)
@@ -221,11 +223,15 @@ class Worker:
     def _streamer(self, job: Job) -> Callable[[int, str], None] | None:
         """An ``on_text`` callback that parses the job's text as it grows and streams every comment the moment the
         model closes it. The final output is parsed again in ``_finish``; comments streamed here are recorded as
-        posted, so the publisher skips them then."""
+        posted, so the publisher skips them then. Before a comment is posted, the text up to the tag that closed it
+        is saved as the job's progress: after a crash the job continues from there, so what was posted stays the
+        start of the thread (generating again from the seed need not give the same text: a different batch
+        changes the logits' last bits)."""
         if self.stream is None:
             return None
         parser: ThreadParser | None = ThreadParser(opened=True)
         fed = ""
+        in_order = asyncio.Lock()  # FIFO: saves and posts keep the order the model wrote them in
 
         def on_text(_index: int, text: str) -> None:
             nonlocal parser, fed
@@ -233,17 +239,33 @@ class Worker:
                 parser = None  # the text was rewritten: leave this job to the final publish
                 return
             delta, fed = text[len(fed):], text
-            for path, comment in parser.feed(delta):
-                self._spawn(self._stream(job, path, comment))
+            comments = parser.feed(delta)
+            if comments:
+                end = max(fed.rfind(OPEN) + len(OPEN), fed.rfind(CLOSE) + len(CLOSE))  # the tag that closed them
+                self._spawn(self._stream(job, fed[:end], comments, in_order))
 
         return on_text
 
-    async def _stream(self, job: Job, path: Path, comment: Comment) -> None:
+    async def _stream(self, job: Job, progress: str, comments: list[tuple[Path, Comment]],
+                      in_order: asyncio.Lock) -> None:
+        async with in_order:
+            await self._save_and_stream(job, progress, comments)
+
+    async def _save_and_stream(self, job: Job, progress: str, comments: list[tuple[Path, Comment]]) -> None:
         assert self.stream is not None
         try:
-            await self.stream(job, path, comment)
-        except Exception:  # the final publish posts whatever streaming could not
-            self._log(logging.WARNING, job, "streaming comment %s failed", path, exc_info=True)
+            saved = await self.queue.save_progress(job.id, progress, owner=self.lease_owner)
+        except Exception:  # posting matters more: a crash before the next save may then re-generate these
+            self._log(logging.WARNING, job, "saving progress failed", exc_info=True)
+            saved = True
+        if not saved:
+            self._log(logging.WARNING, job, "lease lost; not streaming its comments")
+            return
+        for path, comment in comments:
+            try:
+                await self.stream(job, path, comment)
+            except Exception:  # the final publish posts whatever streaming could not
+                self._log(logging.WARNING, job, "streaming comment %s failed", path, exc_info=True)
 
     async def _finish(self, job: Job, result: GenerationResult) -> None:
         parsed = parse_generation(result.text, result.finished)

@@ -122,9 +122,15 @@ class SamplingSettings:
 
 @dataclass(frozen=True)
 class GenerationRequest:
+    """prompt: the text to continue. written: text the model already wrote for this request (a job resumed after a
+    crash, whose first comments are already posted): the engine continues after prompt + written, counts written's
+    tokens against max_new_tokens, and streams and returns written as the start of the text, so the result reads as
+    one uninterrupted generation."""
+
     prompt: str
     seed: int
     sampling: SamplingSettings = SamplingSettings()
+    written: str = ""
 
 
 @dataclass(frozen=True)
@@ -132,8 +138,10 @@ class GenerationResult:
     """A continuation. `text` is decoded with the format tags kept and stops before <|endoftext|>.
 
     finished: the model wrote <|endoftext|> (rather than running out of max_new_tokens or context).
-    prompt_tokens: prompt tokens actually used (after cutting a too-long prompt from the left).
-    new_tokens: tokens in `text` (<|endoftext|> not counted); token_ids: those tokens.
+    prompt_tokens: prompt tokens actually used (after cutting a too-long prompt from the left; a resumed request's
+    `written` counts as prompt).
+    new_tokens: tokens this run generated (<|endoftext|> not counted); token_ids: those tokens. `text` starts with
+    the request's `written`, then these tokens.
     """
 
     text: str
@@ -748,7 +756,7 @@ class Engine:
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         # fp32 on CPU even where bf16 is native (AMX: 2.5x faster matrix products): in bf16 a request's tokens
         # depend on the other rows of its batch far more often (rounding to 8 bits turns kernel-order differences
-        # into different draws), and a job re-run after a crash must rewrite the comments it already streamed.
+        # into different draws), so the same seed need not give the same thread.
         return torch.float32
 
     def _unload(self) -> None:
@@ -831,13 +839,16 @@ class Engine:
 
     def _make_row(self, job: _Job) -> _Row:
         request = job.request
-        ids = self._tokenizer.encode(request.prompt, add_special_tokens=False, verbose=False) or [self._eos]
+        text = request.prompt + request.written  # the format's tags are special tokens: no merge across the seam
+        ids = self._tokenizer.encode(text, add_special_tokens=False, verbose=False) or [self._eos]
+        written = len(self._tokenizer.encode(request.written, add_special_tokens=False, verbose=False))
+        new_tokens = max(request.sampling.max_new_tokens - written, 1)
         # Keep the end of a too-long prompt, leaving room for up to half the context (or max_new_tokens) to generate.
-        room = min(request.sampling.max_new_tokens, self._context // 2)
+        room = min(new_tokens, self._context // 2)
         ids = ids[-(self._context - room):]
         generator = torch.Generator(device="cpu")  # CPU draws: the same numbers whatever the model's device
         generator.manual_seed(request.seed & 0xFFFF_FFFF_FFFF_FFFF)
-        limit = min(request.sampling.max_new_tokens, self._context - len(ids))
+        limit = min(new_tokens, self._context - len(ids))
         next_tags = None
         if request.sampling.constrain_tags:
             next_tags = NextTags()
@@ -845,7 +856,7 @@ class Engine:
                 next_tags.feed(self._tag_kinds.get(token))
         row = _Row(job, ids, limit, generator, request.sampling, next_tags)
         if request.sampling.guidance_scale != 1.0 and self.max_batch >= 2:
-            base = self._tokenizer.encode(without_header(request.prompt), add_special_tokens=False, verbose=False)
+            base = self._tokenizer.encode(without_header(text), add_special_tokens=False, verbose=False)
             row.shadow = _Row(job, (base or [self._eos])[-len(ids):], limit, generator, request.sampling,
                               is_shadow=True)
         return row
@@ -914,7 +925,7 @@ class Engine:
             if row.job.on_text is not None and len(row.new_ids) > row.streamed and (
                     finished or token in self._tags or len(row.new_ids) - row.streamed >= STREAM_EVERY):
                 row.streamed = len(row.new_ids)
-                _call(row.job, row.job.on_text, self._decode(row.new_ids).rstrip("\ufffd"))  # hide a half character
+                _call(row.job, row.job.on_text, self._text(row).rstrip("\ufffd"))  # hide a half character
         if done:
             self._remove(done)
 
@@ -967,7 +978,7 @@ class Engine:
             if deliver and not self._rows[i].is_shadow:
                 row = self._rows[i]
                 _deliver(row.job, GenerationResult(
-                    text=self._decode(row.new_ids), prompt_tokens=len(row.prompt_ids), new_tokens=len(row.new_ids),
+                    text=self._text(row), prompt_tokens=len(row.prompt_ids), new_tokens=len(row.new_ids),
                     finished=row.finished, token_ids=tuple(row.new_ids)))
             last = len(self._rows) - 1
             if i != last:
@@ -983,6 +994,10 @@ class Engine:
             _deliver(job, exc)
         self._rows.clear()
         self._waiting.clear()
+
+    def _text(self, row: _Row) -> str:
+        """What the request has written: what it had written before (a resumed job), then this run's tokens."""
+        return row.job.request.written + self._decode(row.new_ids)
 
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)

@@ -774,6 +774,29 @@ async def test_constrained_sampling_caps_replies_and_respects_the_prompt(tag_eng
         assert not parsed.problems["excess_children"] and not parsed.problems["stray_close"]
 
 
+async def test_a_resumed_request_continues_after_what_it_had_written(tag_engine, tiny_path):
+    """A job resumed after a crash passes the text it had written: the engine continues after it under the same
+    rules (here: inside the open second comment), counts it against max_new_tokens, and streams and returns it as
+    the start of the text."""
+    written = f"first comment{CLOSE}{OPEN}a second one, still open:"
+    n_written = len(AutoTokenizer.from_pretrained(tiny_path).encode(written, add_special_tokens=False))
+    streamed: dict[int, list[str]] = {}
+    for guidance in (1.0, 2.0):  # with guidance, the untitled shadow row continues the same text
+        sampling = SamplingSettings(temperature=1.0, top_p=1.0, max_new_tokens=n_written + 40,
+                                    guidance_scale=guidance)
+        requests = [GenerationRequest(prompt(f"Story {seed}"), seed, sampling, written=written) for seed in range(8)]
+        streamed.clear()
+        results = await tag_engine.generate(requests, on_text=lambda i, t: streamed.setdefault(i, []).append(t))
+        for i, r in enumerate(results):
+            assert r.text.startswith(written) and r.new_tokens <= 40
+            assert streamed[i] and all(t.startswith(written) for t in streamed[i])
+            assert _faults(r) == {}  # the rules picked up inside the second comment: no stray close, no excess
+            parsed = parse_generation(r.text, r.finished)
+            assert parsed.comments[0].text == "first comment"
+            assert parsed.comments[1].text.startswith("a second one, still open:")
+        assert len({r.text for r in results}) > 1  # not a copy of the written text: the seeds continue it
+
+
 async def test_constrained_sampling_with_ignore_eos_runs_to_the_limit(tag_engine):
     sampling = SamplingSettings(temperature=1.0, top_p=1.0, max_new_tokens=150, ignore_eos=True)
     results = await tag_engine.generate([GenerationRequest(prompt("T"), seed, sampling) for seed in range(6)])

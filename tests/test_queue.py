@@ -259,6 +259,43 @@ async def test_reseed_does_not_count_an_attempt(queue):
     assert [j.seed for j in await claim(queue)] == [4242]
 
 
+async def test_progress_only_grows_only_under_the_lease_and_a_new_seed_clears_it(queue, clock):
+    job = await queue.enqueue(new_job())
+    assert await queue.save_progress(job.id, "first<|ec|>") is False  # not running yet
+    await claim(queue, owner="w1")
+    assert await queue.save_progress(job.id, "first<|ec|>", owner="w2") is False  # not this worker's lease
+    assert await queue.save_progress(job.id, "first<|ec|><|c|>second<|ec|>", owner="w1")
+    assert await queue.save_progress(job.id, "first<|ec|>", owner="w1") is False  # a late, shorter save loses
+    assert await queue.save_progress(job.id, "first<|ec|><|c|>second<|ec|>", owner="w1")  # the same again: fine
+    assert (await queue.get(job.id)).progress == "first<|ec|><|c|>second<|ec|>"
+    clock.advance(61)  # the worker dies: the progress stays for the next claim
+    await queue.requeue_expired()
+    [again] = await claim(queue, owner="w3")
+    assert again.progress == "first<|ec|><|c|>second<|ec|>"
+    reseeded = await queue.reseed(job.id, 43, owner="w3")  # no usable output: a new seed starts over
+    assert reseeded.progress is None
+
+
+async def test_a_database_from_before_progress_is_migrated(tmp_path, clock):
+    path = tmp_path / "old.sqlite3"
+    with sqlite3.connect(path) as raw:  # the schema as version 2 left it, with a running job
+        from bot.queue import MIGRATIONS
+        for migration in MIGRATIONS[:2]:
+            for statement in migration:
+                raw.execute(statement)
+        raw.execute("PRAGMA user_version = 2")
+        raw.execute("INSERT INTO jobs (status, platform, channel_id, requester_id, input, seed, temperature, top_p, "
+                    "top_k, max_new_tokens, max_attempts, created_at, updated_at) "
+                    "VALUES ('queued', 'console', 'c1', 'u1', 'A title', 1, 0.9, 0.95, 0, 100, 3, 0, 0)")
+    q = await Queue.open(path, clock=clock)
+    try:
+        assert await q.schema_version() == SCHEMA_VERSION
+        [job] = await claim(q)
+        assert job.progress is None and await q.save_progress(job.id, "x<|ec|>")
+    finally:
+        await q.close()
+
+
 async def test_complete_done_and_owner_guard(queue, clock):
     job = await queue.enqueue(new_job())
     await claim(queue, owner="w1")

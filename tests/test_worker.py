@@ -265,6 +265,87 @@ async def test_crashed_worker_is_recovered_exactly_once(tmp_path, clock):
         await q2.close()
 
 
+class StreamThenHang:
+    """Streams the start of a thread, then never returns: a worker that crashes mid-job after posting comments."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.started = asyncio.Event()
+
+    async def generate(self, requests, on_text=None):
+        on_text(0, self.text)
+        self.started.set()
+        await asyncio.Event().wait()
+
+
+async def test_a_job_resumed_after_a_crash_keeps_the_comments_it_had_posted(tmp_path, clock):
+    """Generating again from the seed need not give the same text (another batch changes the logits' last bits):
+    the next claim continues from the text the posted comments came from instead."""
+    path = tmp_path / "queue.sqlite3"
+    q1 = await Queue.open(path, clock=clock)
+    job = await q1.enqueue(new_job())
+    before = "Neat. How big is the GC?<|c|>About 200 lines.<|ec|><|ec|><|c|>Reminds me of"
+    streamed: list[tuple[tuple[int, ...], str]] = []
+
+    async def stream(_job, where, comment) -> None:
+        streamed.append((tuple(where), comment.text))
+
+    crashing = StreamThenHang(before)
+    task = asyncio.create_task(Worker(q1, crashing, Publisher(q1), SETTINGS, stream=stream).run())
+    await asyncio.wait_for(crashing.started.wait(), 5)
+    for _ in range(500):  # the two closed comments are saved, then posted
+        if len(streamed) == 2:
+            break
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    progress = (await q1.get(job.id)).progress
+    assert progress == "Neat. How big is the GC?<|c|>About 200 lines.<|ec|><|ec|><|c|>"  # up to the last tag
+    assert streamed == [((0,), "Neat. How big is the GC?"), ((0, 0), "About 200 lines.")]
+    await q1.close()
+
+    clock.advance(SETTINGS.lease_seconds + 1)
+    q2 = await Queue.open(path, clock=clock)
+    try:
+        # A re-run from scratch would write something else; given what was written, it continues it.
+        engine = FakeEngine(default=lambda r: (r.written or "Something else entirely.<|ec|>") + "Lisp in Small "
+                                              "Pieces, too.<|ec|>")
+        publish = Publisher(q2)
+        await Worker(q2, engine, publish, SETTINGS, stream=stream).run_burst()
+        assert [r.written for r in engine.calls[0]] == [progress]
+        [(_, thread)] = publish.published
+        assert [c.text for c in thread.comments] == ["Neat. How big is the GC?", "Lisp in Small Pieces, too."]
+        assert thread.comments[0].children[0].text == "About 200 lines."
+    finally:
+        await q2.close()
+
+
+async def test_a_worker_that_lost_its_lease_streams_nothing(queue, clock):
+    job = await queue.enqueue(new_job())
+    go = asyncio.Event()
+    streamed = []
+
+    class LateEngine:
+        async def generate(self, requests, on_text=None):
+            await go.wait()
+            on_text(0, GOOD)
+            return [GenerationResult(text=GOOD, prompt_tokens=1, new_tokens=1, finished=True)]
+
+    async def stream(_job, where, comment) -> None:
+        streamed.append(where)
+
+    worker = Worker(queue, LateEngine(), Publisher(queue), SETTINGS, stream=stream)
+    [task] = await worker._claim()
+    clock.advance(SETTINGS.lease_seconds + 1)  # stalled past its lease: another worker has the job now
+    await queue.requeue_expired()
+    await queue.claim("other", limit=1, token_budget=100_000, lease_seconds=60)
+    go.set()
+    await task
+    await worker.drain()
+    assert streamed == [] and (await queue.get(job.id)).progress is None
+
+
 async def test_slow_worker_that_lost_its_lease_does_not_publish_twice(tmp_path, clock):
     path = tmp_path / "queue.sqlite3"
     q1, q2 = await Queue.open(path, clock=clock), await Queue.open(path, clock=clock)
