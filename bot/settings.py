@@ -37,7 +37,7 @@ class Settings:
     model: str = str(DEFAULT_MODEL)  # checkpoint directory (Hugging Face GPT-2 format)
     db: str = "hnaas.sqlite3"  # the queue's SQLite file
     device: str | None = None  # "cpu", "cuda"; None picks CUDA when present
-    dtype: str | None = None  # "float32", "bfloat16", "float16"; None: bf16 on CUDA, fp32 on CPU
+    dtype: str | None = None  # "float32", "bfloat16", "float16", "int8" (CPU); None: bf16 on CUDA, fp32 on CPU
     threads: int | None = None  # torch CPU threads; None lets torch decide
 
     # Batching and sampling

@@ -134,7 +134,8 @@ def _best_seconds(fn: Callable[[], Any], repeats: int, sync: Callable[[], Any] =
 
 def measure_limits(device: str = "cpu", dtype: str = "float32", *, bandwidth_bytes: int = 1 << 30,
                    repeats: int = 5) -> dict[str, float]:
-    """This machine's memory read bandwidth (GB/s) and matmul throughput (GFLOP/s in `dtype`), best of `repeats`.
+    """This machine's memory read bandwidth (GB/s) and matmul throughput (GFLOP/s in `dtype`; int8: int8 x int8 ->
+    int32 operations per second, `torch._int_mm`), best of `repeats`.
 
     Reads a tensor larger than the last-level cache (1 GiB) with a sum and with a matrix-vector product (the shape
     of a batch-1 decode step); multiplies model-like matrices.
@@ -143,6 +144,14 @@ def measure_limits(device: str = "cpu", dtype: str = "float32", *, bandwidth_byt
 
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     dt = getattr(torch, dtype)
+    if dt == torch.int8:
+        def matrix(rows: int, cols: int) -> torch.Tensor:
+            return torch.randint(-127, 128, (rows, cols), device=device, dtype=dt)
+        multiply = torch._int_mm
+    else:
+        def matrix(rows: int, cols: int) -> torch.Tensor:
+            return torch.randn(rows, cols, device=device, dtype=dt)
+        multiply = torch.mm
     with torch.inference_mode():
         bandwidth_bytes -= bandwidth_bytes % (4 * 768)
         x = torch.ones(bandwidth_bytes // 4, device=device)
@@ -152,22 +161,23 @@ def measure_limits(device: str = "cpu", dtype: str = "float32", *, bandwidth_byt
         mv_gbs = bandwidth_bytes / _best_seconds(lambda: torch.mv(m, v), repeats, sync) / 1e9
         gflops = 0.0
         for rows, k, n in ((1024, 768, 3072), (1024, 3072, 768)):
-            a, b = torch.randn(rows, k, device=device, dtype=dt), torch.randn(k, n, device=device, dtype=dt)
-            seconds = _best_seconds(lambda a=a, b=b: torch.mm(a, b), repeats, sync)
+            a, b = matrix(rows, k), matrix(k, n)
+            seconds = _best_seconds(lambda a=a, b=b: multiply(a, b), repeats, sync)
             gflops = max(gflops, 2 * rows * k * n / seconds / 1e9)
     return {"memory_bandwidth_gb_s": round(max(sum_gbs, mv_gbs), 1), "read_sum_gb_s": round(sum_gbs, 1),
             "read_mv_gb_s": round(mv_gbs, 1), "matmul_gflop_s": round(gflops, 1), "matmul_dtype": dtype}
 
 
 def roofline(config, vocab: int, element_size: int, batches: Sequence[int], prompt_len: int, new_tokens: int,
-             bandwidth_gb_s: float, gflop_s: float) -> dict[str, Any]:
-    """Fastest possible decode tokens/s per batch size for this model on this machine (see the module docstring)."""
+             bandwidth_gb_s: float, gflop_s: float, kv_element_size: int | None = None) -> dict[str, Any]:
+    """Fastest possible decode tokens/s per batch size for this model on this machine (see the module docstring).
+    element_size: bytes per weight; kv_element_size: per cached key or value (default: the same)."""
     d, layers = config.n_embd, config.n_layer
     matmul_weights = layers * 12 * d * d + vocab * d  # c_attn 3d², c_proj d², c_fc 4d², mlp c_proj 4d²; the head
     other = layers * (4 * d + 3 * d + d + 4 * d + d) + 2 * d  # biases, layer norms
     positions = prompt_len + new_tokens / 2  # the average attention length over a generation
     weight_bytes = (matmul_weights + other) * element_size
-    kv_bytes = 2 * layers * d * positions * element_size  # one row's K and V read per step
+    kv_bytes = 2 * layers * d * positions * (kv_element_size or element_size)  # one row's K and V read per step
     flops = 2 * matmul_weights + 4 * layers * d * positions
     limit = {}
     for b in batches:
@@ -336,12 +346,19 @@ def _round(x: float | None) -> float | None:
 
 def _generate_phase(path: Path, prompts: list[list[int]], device: str, dtype: str, s: dict[str, Any],
                     say: Callable[[str], None]) -> dict[str, float]:
-    """transformers generate on the same checkpoint, device and dtype as the engine."""
+    """transformers generate on the same checkpoint, device and dtype as the engine (int8: the engine's own int8
+    matrices swapped into the model, `int8_model`)."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), local_files_only=True)
+    int8 = dtype == "int8"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32 if int8 else getattr(torch, dtype),
+                                                 local_files_only=True)
     model = model.to(device).eval()
+    if int8:
+        from model.engine import int8_model
+
+        model = int8_model(model)
     eos = model.config.eos_token_id
     new_tokens = s["new_tokens"]
 
@@ -437,8 +454,10 @@ def run_bench(shape: str = "gpt2", model: str | Path | None = None, *, batches: 
             say("measuring the machine's limits")
             out["limits"] = measure_limits(info["device"], info["dtype"])
             element = torch.empty(0, dtype=getattr(torch, info["dtype"])).element_size()
+            kv_element = 4 if info["dtype"] == "int8" else element  # int8 matrices, fp32 activations and cache
             out["limits"].update(roofline(config, info["vocab_size"], element, batches, prompt_len, new_tokens,
-                                          out["limits"]["memory_bandwidth_gb_s"], out["limits"]["matmul_gflop_s"]))
+                                          out["limits"]["memory_bandwidth_gb_s"], out["limits"]["matmul_gflop_s"],
+                                          kv_element))
             out["engine_fraction_of_limit"] = {b: round(t / out["limits"]["tok_per_s"][b], 3)
                                                for b, t in out["engine_tok_per_s"].items()}
         else:
@@ -465,7 +484,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--generate-repeats", type=int, default=1, help="transformers generate runs (default 1)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when present)")
-    parser.add_argument("--dtype", help="float32, bfloat16, float16 (default: fp32 on CPU, bf16 on CUDA)")
+    parser.add_argument("--dtype", help="float32, bfloat16, float16, int8 (int8 matrices, CPU) (default: fp32 on "
+                                        "CPU, bf16 on CUDA)")
     parser.add_argument("--no-generate", action="store_true", help="skip transformers generate")
     parser.add_argument("--no-continuous", action="store_true", help="skip the continuous batching runs")
     parser.add_argument("--comment-tokens", type=int, default=80,

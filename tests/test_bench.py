@@ -58,3 +58,15 @@ def test_gpt2_shapes_get_the_full_vocabulary():
     assert len(tokenizer) == 50_259 and tokenizer.eos_token_id == 50_256
     ids = [5, 17, 50_000]
     assert tokenizer.encode(tokenizer.decode(ids), add_special_tokens=False) == ids
+
+
+def test_int8_runs_the_engine_and_generate_with_int8_matrices():
+    r = bench.run_bench("tiny", batches=(1, 2), prompt_len=8, new_tokens=6, repeats=1, threads=1, dtype="int8",
+                        continuous=False)
+    assert r["model"]["dtype"] == "int8" and r["limits"]["matmul_dtype"] == "int8"
+    assert all(v > 0 for v in r["speedup_vs_generate"].values())
+    # int8 weights, fp32 cache: one byte per weight, four per cached number
+    tiny = r["limits"]
+    d, layers, vocab = 64, 2, 600
+    assert tiny["kv_bytes_per_row_step"] == 2 * layers * d * (8 + 6 / 2) * 4
+    assert tiny["weight_bytes"] < (layers * 12 * d * d + vocab * d) * 2

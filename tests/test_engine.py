@@ -698,6 +698,53 @@ def test_every_matrix_kernel_computes_the_same_product(dtype):
             assert (matrix(x, add=residual).float() - added).abs().max() < 2 * tolerance, (name, rows, "add")
 
 
+def test_int8_matrices_match_fp32_closely_and_rows_do_not_depend_on_the_batch(tiny_path):
+    """dtype="int8": int8 weights (a scale per output) times int8 activations (a scale per row), summed exactly in
+    int32: within ~1 % of the fp32 product, and a row's logits are the same bits alone or in any batch."""
+    from model.engine import _int8_linear, _int8_weight, int8_model
+
+    torch.manual_seed(0)
+    weight, bias, x = torch.randn(96, 64), torch.randn(96), torch.randn(32, 64)
+    q, scale = _int8_weight(weight)
+    full = _int8_linear(x, q, scale, bias)
+    exact = F.linear(x, weight, bias)
+    assert (full - exact).norm() / exact.norm() < 0.02
+    for rows in (1, 2, 3, 7):
+        assert torch.equal(_int8_linear(x[:rows], q, scale, bias), full[:rows])
+
+    model = GPT2LMHeadModel.from_pretrained(tiny_path).eval()
+    fp32 = CachedGPT2(model, slots=4)
+    int8 = CachedGPT2(model, slots=4, int8=True)
+    prompts = [[5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15, 16]]
+    with torch.inference_mode():
+        together = int8.prefill(0, prompts)
+        alone = torch.cat([int8.prefill(3, [p]) for p in prompts])  # slot 3, one prompt at a time
+        reference = fp32.prefill(0, prompts)
+        step = int8.decode(torch.tensor([1, 2, 3]), torch.full((3,), 4), 5, ragged=False)
+        int8.prefill(0, prompts[:1])
+        step_alone = int8.decode(torch.tensor([1]), torch.full((1,), 4), 5, ragged=False)
+        # transformers' own forward with int8_model's modules computes the same numbers
+        scored = int8_model(GPT2LMHeadModel.from_pretrained(tiny_path).eval())(torch.tensor(prompts)).logits
+    assert torch.equal(together, alone) and torch.equal(step[:1], step_alone)
+    assert (together - reference).abs().max() < 0.05 * reference.abs().max()
+    assert (scored[:, -1] - together).abs().max() < 1e-4
+
+
+async def test_engine_runs_int8_on_request(tiny_path):
+    engine = Engine(tiny_path, dtype="int8", threads=1)
+    await engine.start()
+    try:
+        assert engine.info["dtype"] == "int8"
+        sampling = SamplingSettings(max_new_tokens=12)
+        [one] = await engine.generate([GenerationRequest(PROMPTS[0], 3, sampling)])
+        together = await engine.generate([GenerationRequest(p, 3, sampling) for p in PROMPTS[:3]])
+        assert one.new_tokens > 0 and together[0].token_ids == one.token_ids
+    finally:
+        await engine.close()
+    with pytest.raises(ValueError, match="unknown dtype"):
+        Engine(tiny_path, dtype="int4")._resolve_dtype(torch.device("cpu"))
+
+
 def test_loading_frees_the_checkpoint_matrices_it_does_not_read(tiny_path):
     """With release, CachedGPT2 empties each checkpoint matrix once it holds its own copy, and keeps (without
     copying) the ones it reads directly: GPT-2's [in, out] layout for single fp32 rows."""

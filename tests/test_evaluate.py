@@ -273,6 +273,15 @@ def test_cli_main(tiny, tmp_path, capsys):
         assert key in report
     assert len(out.read_text().splitlines()) == 3
 
+    # --dtype int8: scored and sampled with int8 matrices; close to fp32 on this tiny model, not the same
+    args = parser.parse_args(["--model", str(path), "--data", str(data), "--samples", "2", "--max-new-tokens",
+                              "8", "--threads", "1", "--device", "cpu", "--dtype", "int8"])
+    assert evaluate.main(args) == 0
+    int8 = json.loads(capsys.readouterr().out)
+    assert int8["dtype"] == "int8" and int8["valid_tree_rate"] is not None
+    assert int8["bits_per_byte"] != report["bits_per_byte"]
+    assert abs(int8["bits_per_byte"] / report["bits_per_byte"] - 1) < 0.05
+
 
 # --- the n-gram baseline -------------------------------------------------------------------------------------------
 

@@ -426,6 +426,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--topicality-real", action="store_true", help="the same for the data threads themselves")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--dtype", choices=("float32", "int8"), default="float32",
+                        help="int8: score and sample with int8 matrices, as the engine's dtype=int8 runs (CPU)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -441,6 +443,11 @@ def main(args: argparse.Namespace) -> int:
             keep = set(random.Random(args.seed).sample(range(len(data)), args.max_threads))
             scored = [t for i, t in enumerate(data) if i in keep]
         model, tokenizer = load_model(args.model, args.device)
+        if args.dtype == "int8":
+            from model.engine import int8_model
+
+            model = int8_model(model)
+        report["dtype"] = args.dtype
         report.update(bits_per_byte(model, tokenizer, scored, batch_tokens=args.batch_tokens))
         del model
     embed = None
@@ -477,7 +484,8 @@ def main(args: argparse.Namespace) -> int:
 async def _sample(args, threads: list[Thread], sampling) -> list[Sample]:
     from model.engine import Engine
 
-    engine = Engine(args.model, device=args.device, threads=args.threads or None)
+    engine = Engine(args.model, device=args.device, threads=args.threads or None,
+                    dtype=None if args.dtype == "float32" else args.dtype)
     await engine.start()
     try:
         return await sample_threads(engine, threads, seed=args.seed, batch_size=args.batch_size, sampling=sampling)
