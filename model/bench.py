@@ -419,7 +419,10 @@ def run_bench(shape: str = "gpt2", model: str | Path | None = None, *, batches: 
         if model is None:
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="hnaas-bench-")))
             say(f"building a random-weight {shape} checkpoint")
-            path = build_random_checkpoint(tmp / shape, shape)
+            from model.engine import on_passing_thread
+
+            # not on this thread: its OpenMP workers would slow the engine's thread down (see on_passing_thread)
+            path = on_passing_thread(build_random_checkpoint, tmp / shape, shape)
             real_text = False
         else:
             path, real_text = Path(model), True

@@ -944,3 +944,14 @@ async def test_guidance_needs_two_slots_and_is_skipped_with_one(tiny_path):
 def test_guidance_scale_is_validated():
     with pytest.raises(ValueError, match="guidance_scale"):
         SamplingSettings(guidance_scale=-1)
+
+
+def test_on_passing_thread_returns_raises_and_leaves_no_thread_behind():
+    """Parallel torch work beside an engine runs on a thread that ends (its OpenMP workers end with it)."""
+    from model.engine import on_passing_thread
+
+    before = threading.active_count()
+    assert on_passing_thread(lambda a, b=0: (threading.current_thread().name, a + b), 2, b=3) == ("hnaas-passing", 5)
+    with pytest.raises(KeyError, match="gone"):
+        on_passing_thread(lambda: {}["gone"])
+    assert threading.active_count() == before

@@ -442,14 +442,11 @@ def main(args: argparse.Namespace) -> int:
         if args.max_threads and args.max_threads < len(data):
             keep = set(random.Random(args.seed).sample(range(len(data)), args.max_threads))
             scored = [t for i, t in enumerate(data) if i in keep]
-        model, tokenizer = load_model(args.model, args.device)
-        if args.dtype == "int8":
-            from model.engine import int8_model
+        from model.engine import on_passing_thread
 
-            model = int8_model(model)
         report["dtype"] = args.dtype
-        report.update(bits_per_byte(model, tokenizer, scored, batch_tokens=args.batch_tokens))
-        del model
+        # On a thread that ends before the engine samples: see on_passing_thread
+        report.update(on_passing_thread(_score, args, scored))
     embed = None
     if args.topicality or args.topicality_real:
         try:
@@ -479,6 +476,15 @@ def main(args: argparse.Namespace) -> int:
         report.update({"real_" + k: v for k, v in real.items()})
     print(json.dumps(report))
     return 0
+
+
+def _score(args, threads: list[Thread]) -> dict:
+    model, tokenizer = load_model(args.model, args.device)
+    if args.dtype == "int8":
+        from model.engine import int8_model
+
+        model = int8_model(model)
+    return bits_per_byte(model, tokenizer, threads, batch_tokens=args.batch_tokens)
 
 
 async def _sample(args, threads: list[Thread], sampling) -> list[Sample]:
