@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 from collections import deque
@@ -1022,7 +1023,8 @@ class _Linear:
     2-core CPU, gpt2 shape, all 49 matrices of a decode step: fp32 14-27 % faster from 4 rows on and as fast at 2;
     bf16 9-35 % faster at every row count. One row in fp32 is the exception: MKL over the [in, out] layout (GPT-2's
     own) reads at ~31 GB/s against ~25 for the packed weights, so fp32 keeps that copy too, for single rows (one
-    extra copy of the matrices, 340 MB for gpt2-124M; a request with guidance always runs two rows).
+    extra copy of the matrices, 340 MB for gpt2-124M; a request with guidance always runs two rows). On AMD, where
+    MKL is the slower one, that extra copy is the weights packed for one row instead (`mkl_reads_one_row_fastest`).
     Elsewhere (CUDA, fp16 on CPU, a torch without oneDNN) it is ``F.linear`` over [out, in]."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, pack: int | None,
@@ -1033,8 +1035,11 @@ class _Linear:
         self.int8 = _int8_weight(weight) if int8 else None
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), pack) if pack else None
         self.plain = None if self.packed is not None or self.int8 is not None else weight.contiguous()
+        one_row = single_row and self.packed is not None
         # [in, out] contiguous: for a view of GPT-2's Conv1D weight that is the checkpoint's own tensor (no copy).
-        self.in_out = weight.t().contiguous() if single_row and self.packed is not None else None
+        self.in_out = weight.t().contiguous() if one_row and mkl_reads_one_row_fastest() else None
+        self.packed_one_row = (torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 1)
+                               if one_row and self.in_out is None else None)
 
     def keeps(self, tensor: torch.Tensor) -> bool:
         """Whether this still reads `tensor`'s memory (then it must not be freed)."""
@@ -1057,9 +1062,10 @@ class _Linear:
                     self.bias)
             return F.gelu(y, approximate="tanh") if gelu else y
         if self.packed is not None:
+            packed = self.packed_one_row if self.packed_one_row is not None and x.shape[0] == 1 else self.packed
             if add is not None and not gelu:
-                return torch.ops.mkldnn._linear_pointwise.binary(x, add, self.packed, self.bias, "add")
-            y = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "gelu" if gelu else "none", [],
+                return torch.ops.mkldnn._linear_pointwise.binary(x, add, packed, self.bias, "add")
+            y = torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "gelu" if gelu else "none", [],
                                                    "tanh" if gelu else "")
         else:
             y = F.linear(x, self.plain, self.bias)
@@ -1127,6 +1133,32 @@ def int8_model(model: Any) -> Any:
     head = model.lm_head
     model.lm_head = Int8Linear(head.weight.detach(), head.bias)
     return model
+
+
+def mkl_reads_one_row_fastest() -> bool:
+    """Whether one fp32 row should go through MKL over GPT-2's [in, out] matrices rather than the packed oneDNN ones.
+
+    Which is faster depends on the CPU, and deterministically so (it is a vendor's code path, not noise), so it is
+    decided by the vendor rather than timed at load, which could pick differently from one start to the next and
+    change a seed's thread in its last bits. Measured with 1 row over the 48 matrices of gpt2-124M's blocks (340 MB)
+    and its 50k x 768 output projection, streaming from memory: on Intel (Sapphire Rapids) MKL reads ~31 GB/s against
+    ~25 for the packed weights; on AMD (Zen 4) MKL takes 21.3 + 7.4 ms against 18.5 + 7.5 for the packed weights
+    and 17.1 + 6.6 ms for weights packed for exactly one row, so AMD keeps those instead of the [in, out] copy (the
+    same memory; MKL does not use its AVX-512 kernels there)."""
+    return _cpu_vendor() != "AuthenticAMD"
+
+
+@functools.cache
+def _cpu_vendor() -> str:
+    """/proc/cpuinfo's vendor_id ("GenuineIntel", "AuthenticAMD"), or "" where there is none."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
 
 
 def _packing_rows(slots: int) -> int | None:

@@ -672,18 +672,27 @@ def test_forward_in_bfloat16_stays_close(tiny_path):
             seqs = seqs[:n]
 
 
+@pytest.mark.parametrize("mkl_one_row", [True, False], ids=["intel", "amd"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_every_matrix_kernel_computes_the_same_product(dtype):
-    """_Linear picks a kernel by row count (packed oneDNN weights, MKL over [in, out] for one fp32 row, F.linear
-    elsewhere): each must give x @ W.T + b for every row count the engine uses."""
+def test_every_matrix_kernel_computes_the_same_product(dtype, mkl_one_row, monkeypatch):
+    """_Linear picks a kernel by row count (packed oneDNN weights, and for one fp32 row MKL over [in, out] or
+    weights packed for one row, by CPU vendor; F.linear elsewhere): each must give x @ W.T + b for every row count
+    the engine uses, whichever vendor's choice this machine would make."""
+    from model import engine as engine_module
     from model.engine import _Linear, _packing_rows
 
+    monkeypatch.setattr(engine_module, "mkl_reads_one_row_fastest", lambda: mkl_one_row)
     torch.manual_seed(0)
     weight, bias = torch.randn(96, 64).to(dtype), torch.randn(96).to(dtype)
     variants = {"packed": _Linear(weight, bias, pack=_packing_rows(4), single_row=dtype == torch.float32),
                 "plain": _Linear(weight, bias, pack=None, single_row=False)}
     if _packing_rows(4) is not None:
         assert variants["packed"].packed is not None
+        one_row = (variants["packed"].in_out, variants["packed"].packed_one_row)
+        if dtype == torch.float32:  # exactly one of the two one-row layouts, the vendor's
+            assert (one_row[0] is not None, one_row[1] is not None) == (mkl_one_row, not mkl_one_row)
+        else:
+            assert one_row == (None, None)
     variants["no bias"] = _Linear(weight, None, pack=_packing_rows(4), single_row=dtype == torch.float32)
     tolerance = 1e-4 if dtype == torch.float32 else 0.1
     for rows in (1, 2, 3, 4, 7, 32):
@@ -747,8 +756,8 @@ async def test_engine_runs_int8_on_request(tiny_path):
 
 def test_loading_frees_the_checkpoint_matrices_it_does_not_read(tiny_path):
     """With release, CachedGPT2 empties each checkpoint matrix once it holds its own copy, and keeps (without
-    copying) the ones it reads directly: GPT-2's [in, out] layout for single fp32 rows."""
-    from model.engine import _packing_rows
+    copying) the ones it reads directly: GPT-2's [in, out] layout for single fp32 rows (where MKL reads it fastest)."""
+    from model.engine import _packing_rows, mkl_reads_one_row_fastest
 
     for dtype in (torch.float32, torch.bfloat16):
         model = GPT2LMHeadModel.from_pretrained(tiny_path, dtype=dtype).eval()
@@ -757,8 +766,10 @@ def test_loading_frees_the_checkpoint_matrices_it_does_not_read(tiny_path):
         weight = model.transformer.h[0].mlp.c_fc.weight
         if _packing_rows(4) is not None and dtype == torch.bfloat16:
             assert weight.numel() == 0  # packed: the checkpoint's copy is gone
-        elif _packing_rows(4) is not None:
+        elif _packing_rows(4) is not None and mkl_reads_one_row_fastest():
             assert forward.layers[0][6].in_out.data_ptr() == kept  # read in place for one row, not copied
+        elif _packing_rows(4) is not None:
+            assert weight.numel() == 0  # AMD: packed for one row as well, the checkpoint's copy is gone
         assert model.transformer.wte.weight.numel() > 0  # the embedding is always read
 
 
@@ -944,6 +955,15 @@ async def test_guidance_needs_two_slots_and_is_skipped_with_one(tiny_path):
 def test_guidance_scale_is_validated():
     with pytest.raises(ValueError, match="guidance_scale"):
         SamplingSettings(guidance_scale=-1)
+
+
+def test_one_row_kernel_follows_the_cpu_vendor(monkeypatch):
+    from model import engine as engine_module
+
+    assert engine_module._cpu_vendor() in ("GenuineIntel", "AuthenticAMD", "")  # the machines this project uses
+    for vendor, mkl in (("GenuineIntel", True), ("AuthenticAMD", False), ("", True)):
+        monkeypatch.setattr(engine_module, "_cpu_vendor", lambda v=vendor: v)
+        assert engine_module.mkl_reads_one_row_fastest() is mkl
 
 
 def test_on_passing_thread_returns_raises_and_leaves_no_thread_behind():

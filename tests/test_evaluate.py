@@ -140,8 +140,10 @@ def test_a_model_that_knows_the_text_costs_almost_nothing(tiny):
     sharp = GPT2LMHeadModel(config)
     opt = torch.optim.Adam(sharp.parameters(), lr=1e-2)
     x = torch.tensor([ids])
-    for _ in range(100):
+    for _ in range(500):  # until it knows the text: how many steps that takes differs from one CPU to another
         loss = torch.nn.functional.cross_entropy(sharp(input_ids=x).logits[0, :-1], x[0, 1:])
+        if loss.item() < 0.002:
+            break
         opt.zero_grad()
         loss.backward()
         opt.step()
