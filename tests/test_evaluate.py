@@ -510,3 +510,31 @@ def test_export_card_describes_each_stage_of_a_curriculum(tiny, tmp_path):
     assert "In all: 0.0 M tokens, 0.02 h." in card  # 25,600 + 10,240 tokens, 61 + 20 s
     assert "| train | 10 | 30 |" in card and "| train | 4 | 7 |" in card  # both stages' data
     assert card.index("| train | 10 | 30 |") < card.index("| train | 4 | 7 |")
+
+    # A run from the exported model (not a run directory): the card keeps the stages its init's card recorded,
+    # and numbers its own after them, though the earlier run directories are gone.
+    shutil.rmtree(tmp_path / "runs")
+    third = tmp_path / "runs" / "default-ft-model"
+    third.mkdir(parents=True)
+    shutil.copytree(tmp_path / "model", third / "best")
+    (third / "config.json").write_text(json.dumps({**config, "init": str(tmp_path / "model"), "lr": 0.0003,
+                                                   "data": str(tmp_path / "data" / "default"), "grow_layers": 0}))
+    (third / "metrics.jsonl").write_text(json.dumps({"step": 30, "val_loss": 2.9, "tokens": 3_000_000,
+                                                     "elapsed_s": 1800.0}) + "\n")
+    card = (export(third, tmp_path / "model3") / "README.md").read_text()
+    stage1, stage2, stage3 = (card.index(f"### Stage {n}") for n in (1, 2, 3))
+    assert "A curriculum of 3 runs" in card and "### Stage 4" not in card
+    assert f"copied from the model card of `{tmp_path / 'model'}`" in card
+    assert stage1 < card.index("Run `default-2L64d`") < stage2 < card.index("Run `hn-focus-ft-default-2L64d`")
+    assert stage3 < card.index("Run `default-ft-model`") and "learning rate 0.0003" in card[stage3:]
+    assert "grown to 4 layers" in card[stage2:stage3]
+    assert "In all: 3.0 M tokens, 0.52 h." in card  # 0.0 M and 0.02 h before, 3 M and 0.5 h now
+
+
+def test_earlier_stages_of_a_single_run_card_and_of_a_card_without_training():
+    from training.export import earlier_stages
+
+    single = "# Model\n\n## Training\n\nRun `a`.\n\n- trained: 10 steps, 1.5 M tokens, 0.25 h\n\n## Data\n\nx\n"
+    stages, tokens, hours = earlier_stages(single)
+    assert stages == [["Run `a`.", "- trained: 10 steps, 1.5 M tokens, 0.25 h"]] and (tokens, hours) == (1.5, 0.25)
+    assert earlier_stages("# A card someone wrote by hand\n") == ([], 0.0, 0.0)

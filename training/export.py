@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -173,6 +174,8 @@ def _run_info(run_dir: Path | None, depth: int = 0) -> dict[str, Any]:
         if depth < 10 and info["config"].get("init", "scratch") != "scratch" and (base_dir / "config.json").is_file() \
                 and (base_dir / "metrics.jsonl").is_file():
             info["base"] = _run_info(base_dir, depth + 1)
+        elif (init / "README.md").is_file():  # an exported model: its card carries the stages before it
+            info["init_card"] = (str(init), (init / "README.md").read_text(encoding="utf-8"))
     metrics_path = run_dir / "metrics.jsonl"
     if metrics_path.is_file():
         metrics = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
@@ -287,15 +290,64 @@ def _training_section(run: dict[str, Any]) -> list[str]:
     stages = [run]
     while "base" in stages[0]:
         stages.insert(0, stages[0]["base"])
-    if len(stages) == 1:
+    init_path, init_card = stages[0].get("init_card") or ("", "")
+    earlier, earlier_tokens, earlier_hours = earlier_stages(init_card)
+    if len(stages) == 1 and not earlier:
         return ["## Training", "", *_run_lines(run)]
-    lines = ["## Training", "", f"A curriculum of {len(stages)} runs, each continuing from the previous one's exported "
-             "checkpoint.", ""]
-    for n, stage in enumerate(stages, 1):
+    lines = ["## Training", "", f"A curriculum of {len(earlier) + len(stages)} runs, each continuing from the previous "
+             "one's exported checkpoint.", ""]
+    if earlier:
+        lines += [f"Stage{'s 1 to' if len(earlier) > 1 else ''} {len(earlier)} {'are' if len(earlier) > 1 else 'is'} "
+                  f"copied from the model card of `{init_path}`, the exported checkpoint stage {len(earlier) + 1} "
+                  "started from.", ""]
+    for n, block in enumerate(earlier, 1):
+        lines += [f"### Stage {n}", "", *block, ""]
+    for n, stage in enumerate(stages, len(earlier) + 1):
         lines += [f"### Stage {n}", "", *_run_lines(stage)]
-    tokens = sum((s.get("last") or {}).get("tokens") or 0 for s in stages)
-    hours = sum((s.get("last") or {}).get("elapsed_s") or 0 for s in stages) / 3600
-    lines += [f"In all: {tokens / 1e6:.1f} M tokens" + (f", {hours:.2f} h." if hours else "."), ""]
+    tokens = earlier_tokens + sum((s.get("last") or {}).get("tokens") or 0 for s in stages) / 1e6
+    hours = earlier_hours + sum((s.get("last") or {}).get("elapsed_s") or 0 for s in stages) / 3600
+    lines += [f"In all: {tokens:.1f} M tokens" + (f", {hours:.2f} h." if hours else "."), ""]
+    return lines
+
+
+def earlier_stages(card: str) -> tuple[list[list[str]], float, float]:
+    """The training stages recorded in an exported model's card (its "## Training" section, as `_training_section`
+    writes it): (each stage's lines without its heading, M tokens, hours in all). A model exported from an exported
+    model keeps its whole curriculum on record, also when the earlier run directories are gone."""
+    lines = card.splitlines()
+    try:
+        start = lines.index("## Training") + 1
+    except ValueError:
+        return [], 0.0, 0.0
+    end = next((i for i in range(start, len(lines)) if lines[i].startswith("## ")), len(lines))
+    body = lines[start:end]
+    if not any(line.startswith("### Stage ") for line in body):  # one run: its lines are the only stage
+        stage = [line for line in body if line.strip()]
+        trained = next((m for line in stage if (m := re.search(r"([\d.]+) M tokens(?:, ([\d.]+) h)?", line))), None)
+        return ([stage] if stage else []), *_tokens_hours(trained)
+    stages: list[list[str]] = []
+    total = None
+    for line in body:
+        if line.startswith("### Stage "):
+            stages.append([])
+        elif line.startswith("In all: "):
+            total = re.match(r"In all: ([\d.]+) M tokens(?:, ([\d.]+) h)?", line)
+        elif stages:
+            stages[-1].append(line)
+    return [_strip_blank(stage) for stage in stages], *_tokens_hours(total)
+
+
+def _tokens_hours(match: re.Match | None) -> tuple[float, float]:
+    if not match:
+        return 0.0, 0.0
+    return float(match.group(1)), float(match.group(2) or 0.0)
+
+
+def _strip_blank(lines: list[str]) -> list[str]:
+    while lines and not lines[0].strip():
+        lines = lines[1:]
+    while lines and not lines[-1].strip():
+        lines = lines[:-1]
     return lines
 
 
