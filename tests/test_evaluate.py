@@ -528,13 +528,21 @@ def test_export_card_describes_each_stage_of_a_curriculum(tiny, tmp_path):
     assert stage1 < card.index("Run `default-2L64d`") < stage2 < card.index("Run `hn-focus-ft-default-2L64d`")
     assert stage3 < card.index("Run `default-ft-model`") and "learning rate 0.0003" in card[stage3:]
     assert "grown to 4 layers" in card[stage2:stage3]
-    assert "In all: 3.0 M tokens, 0.52 h." in card  # 0.0 M and 0.02 h before, 3 M and 0.5 h now
+    assert "In all: 3.0 M tokens, 0.53 h." in card  # as the stages read: 0.02 h + 0.01 h before, 3 M and 0.5 h now
+    # Exported again over the model it started from (whose card now lists this run too): still 3 stages.
+    shutil.copytree(tmp_path / "model3", third / "init")
+    (third / "config.json").write_text(json.dumps({**json.loads((third / "config.json").read_text()),
+                                                   "init": str(third / "init")}))
+    again = (export(third, third / "init") / "README.md").read_text()
+    assert "A curriculum of 3 runs" in again and again.count("Run `default-ft-model`") == 1
+    assert "In all: 3.0 M tokens, 0.53 h." in again
 
 
 def test_earlier_stages_of_a_single_run_card_and_of_a_card_without_training():
-    from training.export import earlier_stages
+    from training.export import earlier_stages, stage_tokens_hours
 
     single = "# Model\n\n## Training\n\nRun `a`.\n\n- trained: 10 steps, 1.5 M tokens, 0.25 h\n\n## Data\n\nx\n"
-    stages, tokens, hours = earlier_stages(single)
-    assert stages == [["Run `a`.", "- trained: 10 steps, 1.5 M tokens, 0.25 h"]] and (tokens, hours) == (1.5, 0.25)
-    assert earlier_stages("# A card someone wrote by hand\n") == ([], 0.0, 0.0)
+    [stage] = earlier_stages(single)
+    assert stage == ["Run `a`.", "- trained: 10 steps, 1.5 M tokens, 0.25 h"]
+    assert stage_tokens_hours(stage) == (1.5, 0.25) and stage_tokens_hours(["Run `b`."]) == (0.0, 0.0)
+    assert earlier_stages("# A card someone wrote by hand\n") == []

@@ -291,7 +291,10 @@ def _training_section(run: dict[str, Any]) -> list[str]:
     while "base" in stages[0]:
         stages.insert(0, stages[0]["base"])
     init_path, init_card = stages[0].get("init_card") or ("", "")
-    earlier, earlier_tokens, earlier_hours = earlier_stages(init_card)
+    earlier = earlier_stages(init_card)
+    names = {f"Run `{stage.get('name')}`." for stage in stages}
+    repeated = next((i for i, block in enumerate(earlier) if block and block[0] in names), None)
+    earlier = earlier[:repeated]  # exported again over the model it started from: each run counts once
     if len(stages) == 1 and not earlier:
         return ["## Training", "", *_run_lines(run)]
     lines = ["## Training", "", f"A curriculum of {len(earlier) + len(stages)} runs, each continuing from the previous "
@@ -304,43 +307,43 @@ def _training_section(run: dict[str, Any]) -> list[str]:
         lines += [f"### Stage {n}", "", *block, ""]
     for n, stage in enumerate(stages, len(earlier) + 1):
         lines += [f"### Stage {n}", "", *_run_lines(stage)]
-    tokens = earlier_tokens + sum((s.get("last") or {}).get("tokens") or 0 for s in stages) / 1e6
-    hours = earlier_hours + sum((s.get("last") or {}).get("elapsed_s") or 0 for s in stages) / 3600
+    tokens = sum(stage_tokens_hours(block)[0] for block in earlier)
+    tokens += sum((s.get("last") or {}).get("tokens") or 0 for s in stages) / 1e6
+    hours = sum(stage_tokens_hours(block)[1] for block in earlier)
+    hours += sum((s.get("last") or {}).get("elapsed_s") or 0 for s in stages) / 3600
     lines += [f"In all: {tokens:.1f} M tokens" + (f", {hours:.2f} h." if hours else "."), ""]
     return lines
 
 
-def earlier_stages(card: str) -> tuple[list[list[str]], float, float]:
+def earlier_stages(card: str) -> list[list[str]]:
     """The training stages recorded in an exported model's card (its "## Training" section, as `_training_section`
-    writes it): (each stage's lines without its heading, M tokens, hours in all). A model exported from an exported
-    model keeps its whole curriculum on record, also when the earlier run directories are gone."""
+    writes it), each stage's lines without its heading. A model exported from an exported model keeps its whole
+    curriculum on record, also when the earlier run directories are gone."""
     lines = card.splitlines()
     try:
         start = lines.index("## Training") + 1
     except ValueError:
-        return [], 0.0, 0.0
+        return []
     end = next((i for i in range(start, len(lines)) if lines[i].startswith("## ")), len(lines))
     body = lines[start:end]
     if not any(line.startswith("### Stage ") for line in body):  # one run: its lines are the only stage
         stage = [line for line in body if line.strip()]
-        trained = next((m for line in stage if (m := re.search(r"([\d.]+) M tokens(?:, ([\d.]+) h)?", line))), None)
-        return ([stage] if stage else []), *_tokens_hours(trained)
+        return [stage] if stage else []
     stages: list[list[str]] = []
-    total = None
     for line in body:
         if line.startswith("### Stage "):
             stages.append([])
-        elif line.startswith("In all: "):
-            total = re.match(r"In all: ([\d.]+) M tokens(?:, ([\d.]+) h)?", line)
-        elif stages:
+        elif stages and not line.startswith("In all: "):
             stages[-1].append(line)
-    return [_strip_blank(stage) for stage in stages], *_tokens_hours(total)
+    return [_strip_blank(stage) for stage in stages]
 
 
-def _tokens_hours(match: re.Match | None) -> tuple[float, float]:
-    if not match:
-        return 0.0, 0.0
-    return float(match.group(1)), float(match.group(2) or 0.0)
+def stage_tokens_hours(stage: list[str]) -> tuple[float, float]:
+    """(M tokens, hours) from a card stage's "- trained: N steps, X M tokens, Y h" line (0 where it says none)."""
+    for line in stage:
+        if match := re.match(r"- trained: .*?([\d.]+) M tokens(?:, ([\d.]+) h)?", line):
+            return float(match.group(1)), float(match.group(2) or 0.0)
+    return 0.0, 0.0
 
 
 def _strip_blank(lines: list[str]) -> list[str]:
