@@ -1144,7 +1144,7 @@ def mkl_reads_one_row_fastest() -> bool:
     and its 50k x 768 output projection, streaming from memory: on Intel (Sapphire Rapids) MKL reads ~31 GB/s against
     ~25 for the packed weights; on AMD (Zen 4) MKL takes 21.3 + 7.4 ms against 18.5 + 7.5 for the packed weights
     and 17.1 + 6.6 ms for weights packed for exactly one row, so AMD keeps those instead of the [in, out] copy (the
-    same memory; MKL does not use its AVX-512 kernels there)."""
+    same memory; MKL is known to take slower code paths on AMD CPUs)."""
     return _cpu_vendor() != "AuthenticAMD"
 
 
