@@ -300,9 +300,9 @@ def _training_section(run: dict[str, Any]) -> list[str]:
     lines = ["## Training", "", f"A curriculum of {len(earlier) + len(stages)} runs, each continuing from the previous "
              "one's exported checkpoint.", ""]
     if earlier:
-        lines += [f"Stage{'s 1 to' if len(earlier) > 1 else ''} {len(earlier)} {'are' if len(earlier) > 1 else 'is'} "
-                  f"copied from the model card of `{init_path}`, the exported checkpoint stage {len(earlier) + 1} "
-                  "started from.", ""]
+        copied = f"Stages 1 to {len(earlier)} are" if len(earlier) > 1 else "Stage 1 is"
+        lines += [f"{copied} copied from the model card of `{init_path}`, the exported checkpoint stage "
+                  f"{len(earlier) + 1} started from.", ""]
     for n, block in enumerate(earlier, 1):
         lines += [f"### Stage {n}", "", *block, ""]
     for n, stage in enumerate(stages, len(earlier) + 1):
