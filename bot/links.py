@@ -17,8 +17,8 @@ Safety, because the bot fetches whatever a stranger pastes:
 - `allow_private=True` (HNAAS_ALLOW_PRIVATE_FETCH=1, for tests) lets loopback through and nothing else.
 
 What the user gets back (decisions):
-- `LinkError` only when no job can come of the input: not http(s), not a valid link, an empty title, or a link whose
-  own host is a private address.
+- `LinkError` only when no job can come of the input: not http(s), not a valid link, an empty title, a link whose
+  own host is a private address, or an HN item link without a valid item id (`item?id=abc`, `item?id=0`).
 - Everything else yields a story. If fetching fails (timeout, HTTP error, not HTML, redirect loop, connection error)
   the title comes from the URL (`title_from_url`), `source="url"`, and `note` says why. A redirect to a private address
   is the same: the redirect is not followed and the note says it was refused. A page without a title also gets a
@@ -63,6 +63,7 @@ CONNECT_TIMEOUT = 3.0  # seconds to open a connection (DNS included)
 READ_CHUNK = 16_384  # bytes per body read; parsing stops as soon as the title is known
 
 PRIVATE_ADDRESS_MESSAGE = "That link points to a private network address, so I won't fetch it."
+BAD_HN_ITEM_MESSAGE = "That Hacker News link has no item number (it should end in item?id=123)."
 _REDIRECT_STATUSES = {301, 302, 303, 307, 308}
 _HTML_TYPES = {"text/html", "application/xhtml+xml"}
 _HN_HOSTS = {"news.ycombinator.com", "www.news.ycombinator.com"}
@@ -144,6 +145,16 @@ def _is_http_url(url: str) -> bool:
 
 def hn_item_id(url: str) -> int | None:
     """The item id of a Hacker News item link (`https://news.ycombinator.com/item?id=123`), else None."""
+    query = _hn_item_query(url)
+    ids = parse_qs(query).get("id") if query is not None else None
+    if not ids or not re.fullmatch(r"[0-9]{1,15}", ids[0]):
+        return None
+    item_id = int(ids[0])
+    return item_id or None
+
+
+def _hn_item_query(url: str) -> str | None:
+    """The query string of a link to news.ycombinator.com/item, whatever its id; None for any other link."""
     try:
         parts = urlsplit(url.strip())
         host = parts.hostname
@@ -151,13 +162,7 @@ def hn_item_id(url: str) -> int | None:
         return None
     if parts.scheme.lower() not in ("http", "https") or host not in _HN_HOSTS:
         return None
-    if parts.path.rstrip("/") != "/item":
-        return None
-    ids = parse_qs(parts.query).get("id")
-    if not ids or not re.fullmatch(r"[0-9]{1,15}", ids[0]):
-        return None
-    item_id = int(ids[0])
-    return item_id or None
+    return parts.query if parts.path.rstrip("/") == "/item" else None
 
 
 # --- titles ---------------------------------------------------------------------------------------------------------
@@ -479,6 +484,9 @@ class LinkResolver:
         item_id = hn_item_id(str(link))
         if item_id is not None:
             return await self._resolve_hn(item_id, link)
+        if _hn_item_query(str(link)) is not None:
+            # HN's own page for a bad id says only "No such item."; a thread about news.ycombinator.com helps no one
+            raise LinkError(BAD_HN_ITEM_MESSAGE, detail=f"no item id in {str(link)[:200]!r}")
         self._check_literal(link)  # a private IP literal is the user's error, not a failed fetch
         try:
             title, final = await asyncio.wait_for(self._fetch_title(link), self.timeout)

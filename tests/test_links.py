@@ -497,6 +497,18 @@ async def test_hn_fallbacks(resolver: LinkResolver, server, item: int, reason: s
     assert reason in story.note
 
 
+@pytest.mark.parametrize("url", ["https://news.ycombinator.com/item?id=notanumber", "https://news.ycombinator.com/item?id=0",
+                                 "https://news.ycombinator.com/item", "https://news.ycombinator.com/item/?id=-5"])
+async def test_hn_item_link_without_an_id_is_refused_without_fetching(connects: list[str], url: str) -> None:
+    async with LinkResolver() as links:
+        with pytest.raises(LinkError) as error:
+            await links.resolve_url(url)
+        with pytest.raises(LinkError):
+            await links.resolve_text(f"what do you think of {url} ?")
+    assert error.value.user_message == "That Hacker News link has no item number (it should end in item?id=123)."
+    assert connects == []
+
+
 async def test_hn_api_base_is_checked_too(connects: list[str]) -> None:
     async with LinkResolver(allow_private=True, hn_api_base="http://10.0.0.1/v0") as links:
         story = await links.resolve_url("https://news.ycombinator.com/item?id=123")
