@@ -61,6 +61,7 @@ import torch
 import torch.nn.functional as F
 
 from bot.errors import ModelNotInstalled
+from model import rowkernel
 from model.format import CLOSE, END_OF_TEXT, OPEN, NextTags, without_header
 
 log = logging.getLogger(__name__)
@@ -1038,13 +1039,17 @@ class _Linear:
         one_row = single_row and self.packed is not None
         # [in, out] contiguous: for a view of GPT-2's Conv1D weight that is the checkpoint's own tensor (no copy).
         self.in_out = weight.t().contiguous() if one_row and mkl_reads_one_row_fastest() else None
+        # Where MKL is not the fastest (AMD): this project's own kernel for up to rowkernel.MAX_ROWS rows, else
+        # weights packed for exactly one row.
+        self.row_kernel = rowkernel.load() if one_row and self.in_out is None else None
+        self.few_rows = weight.contiguous() if self.row_kernel is not None else None
         self.packed_one_row = (torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 1)
-                               if one_row and self.in_out is None else None)
+                               if one_row and self.in_out is None and self.few_rows is None else None)
 
     def keeps(self, tensor: torch.Tensor) -> bool:
         """Whether this still reads `tensor`'s memory (then it must not be freed)."""
         ptr = tensor.data_ptr()
-        return any(t is not None and t.data_ptr() == ptr for t in (self.plain, self.in_out))
+        return any(t is not None and t.data_ptr() == ptr for t in (self.plain, self.in_out, self.few_rows))
 
     def __call__(self, x: torch.Tensor, *, add: torch.Tensor | None = None, gelu: bool = False) -> torch.Tensor:
         """x @ weight.T + bias, then the tanh GELU (gelu=True) or plus `add` (a residual). Fused into the matrix
@@ -1054,6 +1059,8 @@ class _Linear:
             if gelu:
                 y = F.gelu(y, approximate="tanh")
             return y if add is None else y.add_(add)
+        if self.few_rows is not None and x.shape[0] <= rowkernel.MAX_ROWS:
+            return rowkernel.linear(self.row_kernel, self.few_rows, x, self.bias, add=add, gelu=gelu)
         if self.in_out is not None and x.shape[0] == 1:
             if self.bias is None:
                 y = torch.mm(x, self.in_out) if add is None else torch.addmm(add, x, self.in_out)

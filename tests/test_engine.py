@@ -672,27 +672,34 @@ def test_forward_in_bfloat16_stays_close(tiny_path):
             seqs = seqs[:n]
 
 
-@pytest.mark.parametrize("mkl_one_row", [True, False], ids=["intel", "amd"])
+@pytest.mark.parametrize(("mkl_one_row", "row_kernel"), [(True, True), (False, True), (False, False)],
+                         ids=["intel", "amd", "amd without a compiler"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_every_matrix_kernel_computes_the_same_product(dtype, mkl_one_row, monkeypatch):
-    """_Linear picks a kernel by row count (packed oneDNN weights, and for one fp32 row MKL over [in, out] or
-    weights packed for one row, by CPU vendor; F.linear elsewhere): each must give x @ W.T + b for every row count
-    the engine uses, whichever vendor's choice this machine would make."""
+def test_every_matrix_kernel_computes_the_same_product(dtype, mkl_one_row, row_kernel, monkeypatch):
+    """_Linear picks a kernel by row count (packed oneDNN weights; for one fp32 row MKL over [in, out] on Intel, and
+    on AMD the compiled row kernel for up to two rows, or weights packed for one row where it cannot be built;
+    F.linear elsewhere): each must give x @ W.T + b for every row count the engine uses, whichever choice this
+    machine would make."""
     from model import engine as engine_module
+    from model import rowkernel
     from model.engine import _Linear, _packing_rows
 
     monkeypatch.setattr(engine_module, "mkl_reads_one_row_fastest", lambda: mkl_one_row)
+    if not row_kernel:
+        monkeypatch.setattr(rowkernel, "load", lambda: None)
     torch.manual_seed(0)
     weight, bias = torch.randn(96, 64).to(dtype), torch.randn(96).to(dtype)
     variants = {"packed": _Linear(weight, bias, pack=_packing_rows(4), single_row=dtype == torch.float32),
                 "plain": _Linear(weight, bias, pack=None, single_row=False)}
     if _packing_rows(4) is not None:
-        assert variants["packed"].packed is not None
-        one_row = (variants["packed"].in_out, variants["packed"].packed_one_row)
-        if dtype == torch.float32:  # exactly one of the two one-row layouts, the vendor's
-            assert (one_row[0] is not None, one_row[1] is not None) == (mkl_one_row, not mkl_one_row)
+        packed = variants["packed"]
+        assert packed.packed is not None
+        layouts = (packed.in_out is not None, packed.few_rows is not None, packed.packed_one_row is not None)
+        if dtype == torch.float32:  # exactly one of the small-row layouts, the vendor's
+            kernel = not mkl_one_row and rowkernel.load() is not None
+            assert layouts == (mkl_one_row, kernel, not mkl_one_row and not kernel)
         else:
-            assert one_row == (None, None)
+            assert layouts == (False, False, False)
     variants["no bias"] = _Linear(weight, None, pack=_packing_rows(4), single_row=dtype == torch.float32)
     tolerance = 1e-4 if dtype == torch.float32 else 0.1
     for rows in (1, 2, 3, 4, 7, 32):
@@ -769,7 +776,7 @@ def test_loading_frees_the_checkpoint_matrices_it_does_not_read(tiny_path):
         elif _packing_rows(4) is not None and mkl_reads_one_row_fastest():
             assert forward.layers[0][6].in_out.data_ptr() == kept  # read in place for one row, not copied
         elif _packing_rows(4) is not None:
-            assert weight.numel() == 0  # AMD: packed for one row as well, the checkpoint's copy is gone
+            assert weight.numel() == 0  # AMD: its own copy for the row kernel (or packed for one row), not this one
         assert model.transformer.wte.weight.numel() > 0  # the embedding is always read
 
 

@@ -1,0 +1,110 @@
+"""The compiled few-row matrix kernel: its products, its build cache, and the engine's fallback without it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import rowkernel
+
+HAVE_COMPILER = shutil.which(shlex.split(os.environ.get("CC") or "cc")[0]) is not None
+needs_compiler = pytest.mark.skipif(not HAVE_COMPILER, reason="no C compiler on this machine")
+
+
+@pytest.fixture
+def fresh_load(monkeypatch, tmp_path):
+    """rowkernel.load() as on a first start: nothing cached in this process, an empty cache directory."""
+    monkeypatch.setenv("HNAAS_KERNEL_CACHE", str(tmp_path / "kernels"))
+    rowkernel.load.cache_clear()
+    yield rowkernel.load
+    rowkernel.load.cache_clear()
+
+
+@needs_compiler
+@pytest.mark.parametrize("rows", [1, 2, 3])
+@pytest.mark.parametrize(("outputs", "inputs"), [(1, 1), (5, 7), (8, 64), (97, 65), (300, 256)])
+def test_the_kernel_computes_what_torch_computes(rows, outputs, inputs):
+    kernel = rowkernel.load()
+    assert kernel is not None  # a compiler is here, so the kernel must build
+    torch.manual_seed(rows * 1000 + outputs)
+    weight, bias = torch.randn(outputs, inputs), torch.randn(outputs)
+    x, residual = torch.randn(rows, inputs), torch.randn(rows, outputs)
+    product = F.linear(x, weight, bias)
+    tolerance = 1e-5 * (1 + product.abs().max().item())
+    assert (rowkernel.linear(kernel, weight, x, bias) - product).abs().max() <= tolerance
+    assert (rowkernel.linear(kernel, weight, x) - F.linear(x, weight)).abs().max() <= tolerance
+    gelu = rowkernel.linear(kernel, weight, x, bias, gelu=True)
+    assert (gelu - F.gelu(product, approximate="tanh")).abs().max() <= tolerance
+    added = rowkernel.linear(kernel, weight, x, bias, add=residual)
+    assert (added - (product + residual)).abs().max() <= 2 * tolerance
+    # a strided input (a column slice) is read correctly, and the result is a fresh [rows, outputs] tensor
+    wide = torch.randn(rows, 2 * inputs)
+    assert torch.allclose(rowkernel.linear(kernel, weight, wide[:, ::2], bias), F.linear(wide[:, ::2], weight, bias),
+                          atol=tolerance, rtol=0)
+
+
+@needs_compiler
+def test_the_kernel_refuses_a_matrix_it_cannot_read():
+    kernel = rowkernel.load()
+    with pytest.raises(ValueError, match="contiguous fp32"):
+        rowkernel.linear(kernel, torch.randn(8, 4).t(), torch.randn(1, 8))
+    with pytest.raises(ValueError, match="contiguous fp32"):
+        rowkernel.linear(kernel, torch.randn(8, 4, dtype=torch.float64), torch.randn(1, 4))
+
+
+@needs_compiler
+def test_a_build_is_cached_and_reused(fresh_load, tmp_path):
+    assert fresh_load() is not None
+    [built] = (tmp_path / "kernels").glob("rowkernel-*.so")
+    stamp = built.stat().st_mtime_ns
+    rowkernel.load.cache_clear()
+    assert fresh_load() is not None  # a second start loads the same file instead of compiling again
+    assert list((tmp_path / "kernels").glob("rowkernel-*")) == [built] and built.stat().st_mtime_ns == stamp
+
+
+@needs_compiler
+def test_the_kernel_shares_torchs_openmp_runtime():
+    """Two OpenMP runtimes in one process would each keep spinning threads on a 2-core machine."""
+    if not os.path.exists("/proc/self/maps"):
+        pytest.skip("no /proc here")
+    assert rowkernel.load() is not None
+    with open("/proc/self/maps") as f:
+        runtimes = {line.split()[-1] for line in f if "libgomp" in line or "libiomp" in line}
+    assert len(runtimes) <= 1, runtimes
+
+
+@pytest.mark.parametrize("env", [{"HNAAS_ROW_KERNEL": "0"}, {"CC": "/nonexistent/cc"}, {"CC": "false"}],
+                         ids=["switched off", "no compiler", "compiler fails"])
+def test_without_a_kernel_load_says_why_and_gives_none(fresh_load, monkeypatch, caplog, env):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with caplog.at_level(logging.INFO, logger="model.rowkernel"):
+        assert fresh_load() is None
+    assert "row kernel" in caplog.text
+
+
+def test_the_engine_runs_without_the_kernel(monkeypatch, tiny_model):
+    """Where no kernel can be built, single rows go through oneDNN or MKL, with the same results."""
+    from transformers import GPT2LMHeadModel
+
+    from model import engine as engine_module
+    from model.engine import CachedGPT2
+
+    model = GPT2LMHeadModel.from_pretrained(tiny_model).eval()
+    outputs = {}
+    for available in (True, False):
+        monkeypatch.setattr(engine_module, "mkl_reads_one_row_fastest", lambda: False)
+        monkeypatch.setattr(rowkernel, "load", (rowkernel.load if available else lambda: None))
+        forward = CachedGPT2(model, slots=2)
+        uses_kernel = available and HAVE_COMPILER and engine_module._packing_rows(2) is not None
+        assert (forward.layers[0][2].few_rows is not None) is uses_kernel
+        with torch.inference_mode():
+            forward.prefill(0, [[5, 6, 7]])
+            outputs[available] = forward.decode(torch.tensor([8]), torch.tensor([3]), 4, ragged=False)
+    assert (outputs[True] - outputs[False]).abs().max() < 1e-4
