@@ -370,6 +370,16 @@ class CachedGPT2:
              b.ln_2.weight.detach(), b.ln_2.bias.detach(), linear(b.mlp.c_fc), linear(b.mlp.c_proj))
             for b in body.h
         ]
+        # Few rows (a request alone, with its guidance row): one compiled call per block instead of ~15 torch ops,
+        # where the row kernel holds every matrix (see model/rowkernel.py).
+        kernels = self.layers[0][2].row_kernel if self.layers else None
+        self.blocks = None
+        if kernels is not None and self.tanh_gelu and all(
+                b[j].few_rows is not None and b[j].bias is not None for b in self.layers for j in (2, 3, 6, 7)):
+            self.blocks = rowkernel.DecodeBlocks(
+                kernels, [(b[0], b[1], b[2].few_rows, b[2].bias, b[3].few_rows, b[3].bias, b[4], b[5], b[6].few_rows,
+                           b[6].bias, b[7].few_rows, b[7].bias) for b in self.layers], self.n_head, self.eps,
+                self.scales)
         self.wpe = body.wpe.weight.detach()
         self.wte = body.wte.weight.detach()
         self.ln_f = (body.ln_f.weight.detach(), body.ln_f.bias.detach())
@@ -446,6 +456,10 @@ class CachedGPT2:
         says every row is at position length - 1 (nothing to mask).
         """
         n = tokens.shape[0]
+        if self.blocks is not None and n <= rowkernel.MAX_ROWS:
+            x = (F.embedding(tokens, self.wte) + self.wpe[positions]).contiguous()
+            self.blocks(x, self.k, self.v, positions.tolist())
+            return self._logits(x)
         if length is None:
             length = int(positions.max()) + 1
         mask = None

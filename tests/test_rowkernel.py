@@ -108,3 +108,59 @@ def test_the_engine_runs_without_the_kernel(monkeypatch, tiny_model):
             forward.prefill(0, [[5, 6, 7]])
             outputs[available] = forward.decode(torch.tensor([8]), torch.tensor([3]), 4, ragged=False)
     assert (outputs[True] - outputs[False]).abs().max() < 1e-4
+
+
+@needs_compiler
+@pytest.mark.parametrize("rows", [1, 2])
+def test_fused_blocks_decode_what_the_torch_ops_decode(monkeypatch, tiny_model, rows):
+    """CachedGPT2.decode through the compiled blocks gives the torch path's logits and leaves the same keys and
+    values in the cache, with each row at its own position (a ragged batch)."""
+    from transformers import GPT2LMHeadModel
+
+    from model import engine as engine_module
+    from model.engine import CachedGPT2
+
+    monkeypatch.setattr(engine_module, "mkl_reads_one_row_fastest", lambda: False)  # the AMD choice, on any CPU
+    model = GPT2LMHeadModel.from_pretrained(tiny_model).eval()
+    forward = CachedGPT2(model, slots=3)
+    if forward.layers[0][2].packed is None:
+        pytest.skip("this torch cannot pack weights, so no one-row path is built")
+    blocks = forward.blocks
+    assert blocks is not None
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13]][:rows]
+    tokens, positions = torch.tensor([3, 4][:rows]), torch.tensor([6, 3][:rows])
+    results = []
+    with torch.inference_mode():
+        for fused in (None, blocks):
+            forward.blocks = fused
+            forward.prefill(0, prompts)
+            logits = [forward.decode(tokens, positions)]
+            logits.append(forward.decode(tokens + 1, positions + 1))  # reads what the step before wrote
+            results.append((torch.cat(logits), forward.k[:, :rows].clone(), forward.v[:, :rows].clone()))
+    (ref, ref_k, ref_v), (got, got_k, got_v) = results
+    assert (got - ref).abs().max() < 1e-4 * (1 + ref.abs().max())
+    assert (got_k - ref_k).abs().max() < 1e-5 and (got_v - ref_v).abs().max() < 1e-5
+
+
+@needs_compiler
+def test_fused_blocks_refuse_what_would_write_out_of_bounds(monkeypatch, tiny_model):
+    from transformers import GPT2LMHeadModel
+
+    from model import engine as engine_module
+    from model.engine import CachedGPT2
+
+    monkeypatch.setattr(engine_module, "mkl_reads_one_row_fastest", lambda: False)
+    forward = CachedGPT2(GPT2LMHeadModel.from_pretrained(tiny_model).eval(), slots=2)
+    if forward.blocks is None:
+        pytest.skip("this torch cannot pack weights, so no one-row path is built")
+    forward.reserve(8)
+    x = torch.zeros(1, forward.d)
+    for positions in ([forward.capacity], [-1], [0, 1]):
+        with pytest.raises(ValueError, match="positions"):
+            forward.blocks(x, forward.k, forward.v, positions)
+    with pytest.raises(ValueError, match="input"):
+        forward.blocks(torch.zeros(1, forward.d + 1), forward.k, forward.v, [0])
+    with pytest.raises(ValueError, match="caches"):
+        forward.blocks(x, forward.k.double(), forward.v, [0])
+    with pytest.raises(ValueError, match="weights"):
+        rowkernel.DecodeBlocks(rowkernel.load(), [[torch.ones(4)] * 12], heads=2, eps=1e-5, scales=[1.0])
