@@ -456,7 +456,7 @@ class CachedGPT2:
         says every row is at position length - 1 (nothing to mask).
         """
         n = tokens.shape[0]
-        if self.blocks is not None and n <= rowkernel.MAX_ROWS:
+        if self.blocks is not None and n <= rowkernel.BLOCK_ROWS:
             x = (F.embedding(tokens, self.wte) + self.wpe[positions]).contiguous()
             self.blocks(x, self.k, self.v, positions.tolist())
             return self._logits(x)

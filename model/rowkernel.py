@@ -37,7 +37,8 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("rowkernel.c")
-MAX_ROWS = 2  # from 4 rows on, oneDNN's packed weights are as fast or faster (measured, gpt2-124M matrices)
+MAX_ROWS = 2  # `linear`: from 4 rows on, oneDNN's packed weights are as fast or faster (gpt2-124M matrices)
+BLOCK_ROWS = 4  # `DecodeBlocks`: two requests with guidance; at 4 rows its saved ops still outweigh oneDNN's matrices
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 COMPILE_TIMEOUT_S = 120
 

@@ -111,7 +111,7 @@ def test_the_engine_runs_without_the_kernel(monkeypatch, tiny_model):
 
 
 @needs_compiler
-@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("rows", [1, 2, 4])
 def test_fused_blocks_decode_what_the_torch_ops_decode(monkeypatch, tiny_model, rows):
     """CachedGPT2.decode through the compiled blocks gives the torch path's logits and leaves the same keys and
     values in the cache, with each row at its own position (a ragged batch)."""
@@ -122,13 +122,13 @@ def test_fused_blocks_decode_what_the_torch_ops_decode(monkeypatch, tiny_model, 
 
     monkeypatch.setattr(engine_module, "mkl_reads_one_row_fastest", lambda: False)  # the AMD choice, on any CPU
     model = GPT2LMHeadModel.from_pretrained(tiny_model).eval()
-    forward = CachedGPT2(model, slots=3)
+    forward = CachedGPT2(model, slots=4)
     if forward.layers[0][2].packed is None:
         pytest.skip("this torch cannot pack weights, so no one-row path is built")
     blocks = forward.blocks
     assert blocks is not None
-    prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13]][:rows]
-    tokens, positions = torch.tensor([3, 4][:rows]), torch.tensor([6, 3][:rows])
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [14], [15, 16, 17, 18]][:rows]
+    tokens, positions = torch.tensor([3, 4, 5, 6][:rows]), torch.tensor([6, 3, 1, 4][:rows])
     results = []
     with torch.inference_mode():
         for fused in (None, blocks):
