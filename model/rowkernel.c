@@ -1,9 +1,8 @@
 /* GPT-2 arithmetic for a few rows (one request, two with guidance), for model/rowkernel.py, which compiles this on
    first use for the machine it runs on.
 
-   Matrices are [out, in] row-major, so each output is a dot product over one contiguous weight row. Outputs go in
-   blocks of four weight rows, split between the threads; a block stays in L1 while every input row uses it, so the
-   weights are read from memory once whatever the row count. `omp simd reduction` lets the compiler vectorise the dot
+   Matrices are [out, in] row-major, so each output is a dot product over one contiguous weight row, and the weights
+   are read from memory once whatever the row count. `omp simd reduction` lets the compiler vectorise the dot
    products (summing in any order) without -ffast-math, which would change floating point for the whole process.
 
    hnaas_decode_layer runs a whole transformer block in one parallel region: at one row a block is ~15 small torch ops
@@ -16,44 +15,37 @@ static inline float gelu_tanh(float v) {
 }
 
 /* y[r, o] = act(x[r, :] . w[o, :] + bias[o]) (+ y[r, o] when accumulate) for r < n, o < out; act 1 = tanh GELU.
-   x and y have row strides in and out. Called inside a parallel region: the blocks are shared out with `omp for`. */
+   x and y have row strides in and out. Called inside a parallel region: the outputs are shared out with `omp for`.
+   One weight row at a time, so each thread streams one contiguous run of memory, which the hardware prefetcher
+   follows best: ~30 GB/s on the 2-core AMD machine, against ~20 interleaving four rows (measured, gpt2-124M's
+   matrices, one input row). Input rows go two per pass over a weight row. */
 static void rows_product(const float *restrict w, const float *restrict x, const float *restrict bias,
                          float *restrict y, long n, long out, long in, int act, int accumulate) {
-    long blocks = (out + 3) / 4;
 #pragma omp for schedule(static)
-    for (long b = 0; b < blocks; b++) {
-        long o0 = b * 4, m = out - o0 < 4 ? out - o0 : 4;
-        for (long r = 0; r < n; r++) {
-            const float *xr = x + r * in;
-            float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            if (m == 4) {
-                const float *w0 = w + o0 * in, *w1 = w0 + in, *w2 = w1 + in, *w3 = w2 + in;
-                float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
+    for (long o = 0; o < out; o++) {
+        const float *wo = w + o * in;
+        float sums[2];
+        for (long r = 0; r < n; r += 2) {
+            const float *x0 = x + r * in, *x1 = x0 + in;
+            if (r + 1 < n) {  /* two input rows per pass over the weight row */
+                float a0 = 0.0f, a1 = 0.0f;
+#pragma omp simd reduction(+ : a0, a1)
                 for (long i = 0; i < in; i++) {
-                    float xi = xr[i];
-                    a0 += w0[i] * xi;
-                    a1 += w1[i] * xi;
-                    a2 += w2[i] * xi;
-                    a3 += w3[i] * xi;
+                    a0 += wo[i] * x0[i];
+                    a1 += wo[i] * x1[i];
                 }
-                acc[0] = a0;
-                acc[1] = a1;
-                acc[2] = a2;
-                acc[3] = a3;
+                sums[0] = a0;
+                sums[1] = a1;
             } else {
-                for (long k = 0; k < m; k++) {
-                    const float *wk = w + (o0 + k) * in;
-                    float a = 0.0f;
-#pragma omp simd reduction(+ : a)
-                    for (long i = 0; i < in; i++) a += wk[i] * xr[i];
-                    acc[k] = a;
-                }
+                float a0 = 0.0f;
+#pragma omp simd reduction(+ : a0)
+                for (long i = 0; i < in; i++) a0 += wo[i] * x0[i];
+                sums[0] = a0;
             }
-            for (long k = 0; k < m; k++) {
-                float v = acc[k] + (bias ? bias[o0 + k] : 0.0f);
+            for (long k = 0; k < 2 && r + k < n; k++) {
+                float v = sums[k] + (bias ? bias[o] : 0.0f);
                 if (act == 1) v = gelu_tanh(v);
-                float *dst = y + r * out + o0 + k;
+                float *dst = y + (r + k) * out + o;
                 *dst = accumulate ? *dst + v : v;
             }
         }
