@@ -517,7 +517,7 @@ def format_table(r: dict[str, Any]) -> str:
     name = m.get("shape") or m.get("path")
     lines = [
         f"model: {name} ({m['parameters'] / 1e6:.1f}M parameters, vocab {m['vocab_size']}), {m['device']} "
-        f"{m['dtype']}, {r['machine']['torch_threads']} threads; prompt {m['prompt_tokens']} tokens, "
+        f"{m['dtype']}{' (row kernel)' if m.get('row_kernel') else ''}, {r['machine']['torch_threads']} threads; prompt {m['prompt_tokens']} tokens, "
         f"{s['new_tokens']} new tokens, temperature {s['temperature']}, top_k {s['top_k']}, top_p {s['top_p']}",
     ]
     if lim:

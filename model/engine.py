@@ -612,7 +612,8 @@ class Engine:
 
     @property
     def info(self) -> dict[str, Any]:
-        """path, parameters, device, dtype, vocab_size, context_length, max_batch, token_budget (started engine)."""
+        """path, parameters, device, dtype, vocab_size, context_length, max_batch, token_budget, row_kernel (started
+        engine)."""
         if self._info is None:
             raise RuntimeError("engine not started")
         return dict(self._info)
@@ -769,6 +770,7 @@ class Engine:
             "context_length": self._context,
             "max_batch": self.max_batch,
             "token_budget": self.token_budget,
+            "row_kernel": self._model.blocks is not None,  # 1-4 rows decode through model/rowkernel.py
         }
 
     def _resolve_dtype(self, device: torch.device) -> torch.dtype:

@@ -164,3 +164,23 @@ def test_fused_blocks_refuse_what_would_write_out_of_bounds(monkeypatch, tiny_mo
         forward.blocks(x, forward.k.double(), forward.v, [0])
     with pytest.raises(ValueError, match="weights"):
         rowkernel.DecodeBlocks(rowkernel.load(), [[torch.ones(4)] * 12], heads=2, eps=1e-5, scales=[1.0])
+
+
+async def test_the_engine_says_whether_it_uses_the_kernel_and_writes_the_same_thread(monkeypatch, tiny_model):
+    from model import engine as engine_module
+    from model.engine import Engine, GenerationRequest, SamplingSettings
+
+    monkeypatch.setattr(engine_module, "mkl_reads_one_row_fastest", lambda: False)
+    request = GenerationRequest("<|endoftext|>Show HN: A tiny Lisp\n<|c|>", 7, SamplingSettings(max_new_tokens=24))
+    results = {}
+    for available in (True, False):
+        monkeypatch.setattr(rowkernel, "load", (rowkernel.load if available else lambda: None))
+        engine = Engine(tiny_model, threads=1)
+        await engine.start()
+        try:
+            assert engine.info["row_kernel"] is (available and HAVE_COMPILER and engine._model.layers[0][2].packed
+                                                 is not None)
+            [results[available]] = await engine.generate([request])
+        finally:
+            await engine.close()
+    assert results[True].new_tokens > 0 and results[True].token_ids == results[False].token_ids
