@@ -42,6 +42,7 @@ BLOCK_ROWS = 4  # `DecodeBlocks`: two requests with guidance; at 4 rows its save
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 COMPILE_TIMEOUT_S = 120
 
+
 @dataclass(frozen=True)
 class Kernels:
     """The compiled library's entry points (ctypes functions; ctypes.CDLL releases the GIL while they run)."""
@@ -60,7 +61,7 @@ def load() -> Kernels | None:
         library = ctypes.CDLL(str(_build()))
         rows, layer = library.hnaas_rows_linear, library.hnaas_decode_layer
     except (OSError, subprocess.SubprocessError, AttributeError) as exc:
-        log.info("row kernel unavailable, using oneDNN/MKL for single rows: %s", exc)
+        log.warning("row kernel unavailable, so requests alone run at about half speed on torch ops: %s", exc)
         return None
     pointer, size, number = ctypes.c_void_p, ctypes.c_long, ctypes.c_float
     rows.restype = layer.restype = None
