@@ -30,7 +30,8 @@ sort of the one bin that holds the cut, then draws by inverse CDF over the kept 
 Reproducibility. Each request carries a seed; its row draws DRAWS uniform numbers per step from its own
 `torch.Generator` and picks the token from its own filtered distribution with them. So a request's tokens are a
 function of (model, prompt, sampling settings, seed) alone and not of the other requests in the batch:
-  - same request, same seed, same device and dtype -> the same tokens, byte for byte (tested on CPU fp32);
+  - same request, same seed, same device, dtype and kernels -> the same tokens, byte for byte (tested on CPU fp32;
+    the kernels follow the CPU's vendor and whether the row kernel is built, see `_Linear`);
   - a request in a batch vs the same request alone -> the same tokens on CPU fp32 in practice (tested), but not
     guaranteed bit for bit: the batch's size changes the shapes of the matrix products and so the rounding of the
     logits in the last bits, and a token can then differ only where the draw falls within rounding of a boundary
@@ -453,7 +454,8 @@ class CachedGPT2:
         """Feed row i (slot i) its token at its position; return the next-token logits [n, V].
 
         `length` (max position + 1, if the caller knows it without a device sync) bounds the attention; ragged=False
-        says every row is at position length - 1 (nothing to mask).
+        says every row is at position length - 1 (nothing to mask). Up to `rowkernel.BLOCK_ROWS` rows go through the
+        compiled blocks where they are built; those attend by each row's position, so they need neither.
         """
         n = tokens.shape[0]
         if self.blocks is not None and n <= rowkernel.BLOCK_ROWS:
@@ -1041,7 +1043,8 @@ class _Linear:
     bf16 9-35 % faster at every row count. One row in fp32 is the exception: MKL over the [in, out] layout (GPT-2's
     own) reads at ~31 GB/s against ~25 for the packed weights, so fp32 keeps that copy too, for single rows (one
     extra copy of the matrices, 340 MB for gpt2-124M; a request with guidance always runs two rows). On AMD, where
-    MKL is the slower one, that extra copy is the weights packed for one row instead (`mkl_reads_one_row_fastest`).
+    MKL is the slower one, that extra copy is an [out, in] copy for the compiled row kernel (`model/rowkernel.py`, up
+    to two rows), or without a C compiler the weights packed for one row (`mkl_reads_one_row_fastest`).
     Elsewhere (CUDA, fp16 on CPU, a torch without oneDNN) it is ``F.linear`` over [out, in]."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, pack: int | None,
