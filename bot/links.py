@@ -146,11 +146,15 @@ def _is_http_url(url: str) -> bool:
 def hn_item_id(url: str) -> int | None:
     """The item id of a Hacker News item link (`https://news.ycombinator.com/item?id=123`), else None."""
     query = _hn_item_query(url)
-    ids = parse_qs(query).get("id") if query is not None else None
+    return None if query is None else _item_id_in(query)
+
+
+def _item_id_in(query: str) -> int | None:
+    """The positive item id in an HN item link's query string, else None."""
+    ids = parse_qs(query).get("id")
     if not ids or not re.fullmatch(r"[0-9]{1,15}", ids[0]):
         return None
-    item_id = int(ids[0])
-    return item_id or None
+    return int(ids[0]) or None
 
 
 def _hn_item_query(url: str) -> str | None:
@@ -481,12 +485,13 @@ class LinkResolver:
     async def resolve_url(self, url: str) -> ResolvedStory:
         """A story from one link. Raises LinkError only when the link cannot become a job (see module docstring)."""
         link = _parse_link(url)
-        item_id = hn_item_id(str(link))
-        if item_id is not None:
+        query = _hn_item_query(str(link))
+        if query is not None:
+            item_id = _item_id_in(query)
+            if item_id is None:
+                # HN's own page for a bad id says only "No such item."; a thread about news.ycombinator.com helps no one
+                raise LinkError(BAD_HN_ITEM_MESSAGE, detail=f"no item id in {str(link)[:200]!r}")
             return await self._resolve_hn(item_id, link)
-        if _hn_item_query(str(link)) is not None:
-            # HN's own page for a bad id says only "No such item."; a thread about news.ycombinator.com helps no one
-            raise LinkError(BAD_HN_ITEM_MESSAGE, detail=f"no item id in {str(link)[:200]!r}")
         self._check_literal(link)  # a private IP literal is the user's error, not a failed fetch
         try:
             title, final = await asyncio.wait_for(self._fetch_title(link), self.timeout)

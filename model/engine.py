@@ -458,9 +458,9 @@ class CachedGPT2:
         compiled blocks where they are built; those attend by each row's position, so they need neither.
         """
         n = tokens.shape[0]
+        x = F.embedding(tokens, self.wte) + self.wpe[positions]
         if self.blocks is not None and n <= rowkernel.BLOCK_ROWS:
-            x = (F.embedding(tokens, self.wte) + self.wpe[positions]).contiguous()
-            self.blocks(x, self.k, self.v, positions.tolist())
+            self.blocks(x, self.k, self.v, positions)
             return self._logits(x)
         if length is None:
             length = int(positions.max()) + 1
@@ -469,7 +469,6 @@ class CachedGPT2:
             visible = torch.arange(length, device=self.device).unsqueeze(0) <= positions.unsqueeze(1)
             mask = torch.zeros(n, 1, 1, length, device=self.device, dtype=self.dtype).masked_fill_(
                 ~visible.view(n, 1, 1, length), float("-inf"))
-        x = F.embedding(tokens, self.wte) + self.wpe[positions]
         for i, layer in enumerate(self.layers):
             h = F.layer_norm(x, (self.d,), layer[0], layer[1], self.eps)
             q, k, v = layer[2](h).view(n, 3, self.n_head, self.head_dim).unbind(1)

@@ -75,7 +75,9 @@ def linear(kernels: Kernels, weight: torch.Tensor, x: torch.Tensor, bias: torch.
     """GELU?(x @ weight.T + bias) + add. weight: [out, in] contiguous fp32 on the CPU; x: [n, in]."""
     n, inputs = x.shape
     outputs = weight.shape[0]
-    _check_matrix(weight, outputs, inputs)
+    if weight.dtype != torch.float32 or not weight.is_contiguous() or weight.shape[1] != inputs:
+        raise ValueError(f"the row kernel needs a contiguous fp32 [out, {inputs}] matrix, got "
+                         f"{weight.dtype} {tuple(weight.shape)}")
     x = _floats(x)
     bias = None if bias is None else _floats(bias)
     add = None if add is None else _floats(add.expand(n, outputs))
@@ -107,21 +109,23 @@ class DecodeBlocks:
             raise ValueError("heads must divide the width, and each block needs its attention scale")
         self.addresses = [[t.data_ptr() for t in block] for block in blocks]
 
-    def __call__(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: Sequence[int]) -> None:
-        """Run every block over x [n, d] (contiguous fp32, updated in place), row r in cache slot r at positions[r],
-        writing each row's keys and values into the caches [blocks, slots, heads, capacity, head_dim]."""
+    def __call__(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+        """Run every block over x [n, d] (contiguous fp32, updated in place), row r in cache slot r at positions[r]
+        (a CPU integer tensor [n]), writing each row's keys and values into the caches [blocks, slots, heads,
+        capacity, head_dim]."""
         n = x.shape[0]
         layers, slots, heads, capacity, head_dim = keys.shape
         if not (x.dtype == torch.float32 and x.is_contiguous() and tuple(x.shape) == (n, self.d)):
             raise ValueError(f"the decode kernel needs a contiguous fp32 [n, {self.d}] input")
-        for cache in (keys, values):
-            if cache.dtype != torch.float32 or not cache.is_contiguous() or cache.shape != keys.shape or (
-                    layers, heads, heads * head_dim) != (len(self.addresses), self.heads, self.d):
-                raise ValueError("the decode kernel needs contiguous fp32 key and value caches that fit the model")
-        if len(positions) != n or n > slots or min(positions) < 0 or max(positions) >= capacity:
+        if (layers, heads, heads * head_dim) != (len(self.addresses), self.heads, self.d) or any(
+                cache.dtype != torch.float32 or not cache.is_contiguous() or cache.shape != keys.shape
+                for cache in (keys, values)):
+            raise ValueError("the decode kernel needs contiguous fp32 key and value caches that fit the model")
+        rows = positions.to(torch.long).contiguous()  # the kernel reads it as C longs
+        where = rows.tolist()
+        if len(where) != n or n > slots or min(where) < 0 or max(where) >= capacity:
             raise ValueError(f"{n} rows need positions in [0, {capacity})")  # else the kernel writes out of bounds
-        rows = torch.tensor(positions, dtype=torch.long)
-        scratch = torch.empty(n * (5 * self.d + self.inner) + n * heads * (max(positions) + 1), dtype=torch.float32)
+        scratch = torch.empty(n * (5 * self.d + self.inner) + n * heads * (max(where) + 1), dtype=torch.float32)
         threads = torch.get_num_threads()
         block_size = slots * heads * capacity * head_dim
         for i, block in enumerate(self.addresses):
@@ -129,13 +133,6 @@ class DecodeBlocks:
             self.kernels.decode_layer(x.data_ptr(), *block, keys.data_ptr() + offset, values.data_ptr() + offset,
                                       rows.data_ptr(), n, self.d, self.inner, heads, capacity, self.scales[i],
                                       self.eps, scratch.data_ptr(), threads)
-
-
-def _check_matrix(weight: torch.Tensor, rows: int, columns: int) -> None:
-    if weight.dtype != torch.float32 or not weight.is_contiguous() or weight.shape[1] != columns or (
-            weight.shape[0] != rows):
-        raise ValueError(f"the row kernel needs a contiguous fp32 [{rows}, {columns}] matrix, got "
-                         f"{weight.dtype} {tuple(weight.shape)}")
 
 
 def _floats(t: torch.Tensor) -> torch.Tensor:

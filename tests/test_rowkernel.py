@@ -157,11 +157,11 @@ def test_fused_blocks_refuse_what_would_write_out_of_bounds(monkeypatch, tiny_mo
     x = torch.zeros(1, forward.d)
     for positions in ([forward.capacity], [-1], [0, 1]):
         with pytest.raises(ValueError, match="positions"):
-            forward.blocks(x, forward.k, forward.v, positions)
+            forward.blocks(x, forward.k, forward.v, torch.tensor(positions))
     with pytest.raises(ValueError, match="input"):
-        forward.blocks(torch.zeros(1, forward.d + 1), forward.k, forward.v, [0])
+        forward.blocks(torch.zeros(1, forward.d + 1), forward.k, forward.v, torch.tensor([0]))
     with pytest.raises(ValueError, match="caches"):
-        forward.blocks(x, forward.k.double(), forward.v, [0])
+        forward.blocks(x, forward.k.double(), forward.v, torch.tensor([0]))
     with pytest.raises(ValueError, match="weights"):
         rowkernel.DecodeBlocks(rowkernel.load(), [[torch.ones(4)] * 12], heads=2, eps=1e-5, scales=[1.0])
 
