@@ -7,9 +7,12 @@
 
 What it measures (all in this process, one phase after the other):
   - limits: memory read bandwidth (best of a large sum and a large matrix-vector product) and matmul
-    throughput in the model's dtype (best over model-like shapes); from them and the model's shape, a roofline per
-    batch size: a decode step cannot beat max(bytes read / bandwidth, flops / matmul throughput), where bytes are
-    the weights plus the batch's KV cache and flops are 2 per weight per row plus attention;
+    throughput in the model's dtype (best over model-like shapes), probed in a process of their own just before and
+    just after each batch size's runs (a shared host's bandwidth moves from minute to minute); from them and the
+    model's shape, a roofline per batch size: a decode step cannot beat max(bytes read / bandwidth, flops / matmul
+    throughput), where bytes are the weights plus the batch's KV cache and flops are 2 per weight per row plus
+    attention. Each batch size is compared with its own two probes; `limits` holds the median of all probes,
+    every probe's figures, and the ones each batch size used (`by_batch`);
   - tokens/s of the engine and of transformers `generate` per batch size: B requests of `prompt_len` tokens, each
     forced to write exactly `new_tokens` (engine: ignore_eos; generate: min_new_tokens), with the same sampling
     (do_sample, temperature, top_k, top_p); wall time from submit to the last result, prefill included; median of
@@ -132,40 +135,132 @@ def _best_seconds(fn: Callable[[], Any], repeats: int, sync: Callable[[], Any] =
     return best
 
 
-def measure_limits(device: str = "cpu", dtype: str = "float32", *, bandwidth_bytes: int = 1 << 30,
-                   repeats: int = 5) -> dict[str, float]:
+class LimitMeter:
     """This machine's memory read bandwidth (GB/s) and matmul throughput (GFLOP/s in `dtype`; int8: int8 x int8 ->
-    int32 operations per second, `torch._int_mm`), best of `repeats`.
+    int32 operations per second, `torch._int_mm`); each `measure()` is the best of `repeats`.
 
     Reads a tensor larger than the last-level cache (1 GiB) with a sum and with a matrix-vector product (the shape
-    of a batch-1 decode step); multiplies model-like matrices.
+    of a batch-1 decode step); multiplies model-like matrices. The buffers are made once, so measuring again costs
+    only the reads (about a second).
     """
+
+    def __init__(self, device: str = "cpu", dtype: str = "float32", *, bandwidth_bytes: int = 1 << 30,
+                 repeats: int = 5) -> None:
+        import torch
+
+        self.dtype, self.repeats = dtype, repeats
+        self._sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+        dt = getattr(torch, dtype)
+        if dt == torch.int8:
+            def matrix(rows: int, cols: int) -> torch.Tensor:
+                return torch.randint(-127, 128, (rows, cols), device=device, dtype=dt)
+            self._multiply = torch._int_mm
+        else:
+            def matrix(rows: int, cols: int) -> torch.Tensor:
+                return torch.randn(rows, cols, device=device, dtype=dt)
+            self._multiply = torch.mm
+        self.bandwidth_bytes = bandwidth_bytes - bandwidth_bytes % (4 * 768)
+        self._x = torch.ones(self.bandwidth_bytes // 4, device=device)
+        self._v = torch.ones(768, device=device)
+        self._products = [(matrix(rows, k), matrix(k, n), 2 * rows * k * n)
+                          for rows, k, n in ((1024, 768, 3072), (1024, 3072, 768))]
+
+    def measure(self) -> dict[str, Any]:
+        import torch
+
+        with torch.inference_mode():
+            x, m = self._x, self._x.view(-1, 768)
+            sum_gbs = self.bandwidth_bytes / _best_seconds(lambda: x.sum(), self.repeats, self._sync) / 1e9
+            mv_gbs = self.bandwidth_bytes / _best_seconds(lambda: torch.mv(m, self._v), self.repeats,
+                                                          self._sync) / 1e9
+            gflops = max(flops / _best_seconds(lambda a=a, b=b: self._multiply(a, b), self.repeats, self._sync) / 1e9
+                         for a, b, flops in self._products)
+        return {"memory_bandwidth_gb_s": round(max(sum_gbs, mv_gbs), 1), "read_sum_gb_s": round(sum_gbs, 1),
+                "read_mv_gb_s": round(mv_gbs, 1), "matmul_gflop_s": round(gflops, 1), "matmul_dtype": self.dtype}
+
+
+def measure_limits(device: str = "cpu", dtype: str = "float32", *, bandwidth_bytes: int = 1 << 30,
+                   repeats: int = 5) -> dict[str, Any]:
+    """One measurement of this machine's limits, in this process (see LimitMeter)."""
+    return LimitMeter(device, dtype, bandwidth_bytes=bandwidth_bytes, repeats=repeats).measure()
+
+
+def _limit_probe_main(conn, device: str, dtype: str, threads: int, bandwidth_bytes: int, repeats: int) -> None:
     import torch
 
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    dt = getattr(torch, dtype)
-    if dt == torch.int8:
-        def matrix(rows: int, cols: int) -> torch.Tensor:
-            return torch.randint(-127, 128, (rows, cols), device=device, dtype=dt)
-        multiply = torch._int_mm
-    else:
-        def matrix(rows: int, cols: int) -> torch.Tensor:
-            return torch.randn(rows, cols, device=device, dtype=dt)
-        multiply = torch.mm
-    with torch.inference_mode():
-        bandwidth_bytes -= bandwidth_bytes % (4 * 768)
-        x = torch.ones(bandwidth_bytes // 4, device=device)
-        sum_gbs = bandwidth_bytes / _best_seconds(lambda: x.sum(), repeats, sync) / 1e9
-        m = x.view(-1, 768)
-        v = torch.ones(768, device=device)
-        mv_gbs = bandwidth_bytes / _best_seconds(lambda: torch.mv(m, v), repeats, sync) / 1e9
-        gflops = 0.0
-        for rows, k, n in ((1024, 768, 3072), (1024, 3072, 768)):
-            a, b = matrix(rows, k), matrix(k, n)
-            seconds = _best_seconds(lambda a=a, b=b: multiply(a, b), repeats, sync)
-            gflops = max(gflops, 2 * rows * k * n / seconds / 1e9)
-    return {"memory_bandwidth_gb_s": round(max(sum_gbs, mv_gbs), 1), "read_sum_gb_s": round(sum_gbs, 1),
-            "read_mv_gb_s": round(mv_gbs, 1), "matmul_gflop_s": round(gflops, 1), "matmul_dtype": dtype}
+    torch.set_num_threads(threads)
+    try:
+        meter = LimitMeter(device, dtype, bandwidth_bytes=bandwidth_bytes, repeats=repeats)
+    except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it
+        conn.send(("error", repr(e)))
+        return
+    conn.send(("ready", None))
+    while conn.recv():
+        try:
+            conn.send(("ok", meter.measure()))
+        except Exception as e:  # noqa: BLE001
+            conn.send(("error", repr(e)))
+
+
+class LimitProbe:
+    """A LimitMeter in a process of its own, measuring on demand between the engine's runs.
+
+    On a shared host the memory bandwidth moves by up to 2x from one minute to the next (26.8-52.7 GB/s within one
+    session on the AMD machine), so one measurement, taken minutes away from a batch size's runs, made the engine's
+    fraction of the limit a lottery. The benchmark probes just before and just after each batch size and compares
+    that batch with those probes. In its own process so that its 1 GiB buffer does not count in the engine's peak
+    memory, and is made once. Its threads sleep between probes.
+    """
+
+    def __init__(self, device: str, dtype: str, threads: int, *, bandwidth_bytes: int = 1 << 30,
+                 repeats: int = 3) -> None:
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")  # not fork: this process runs OpenMP and maybe CUDA
+        self._conn, child = context.Pipe()
+        self._process = context.Process(target=_limit_probe_main, daemon=True, name="hnaas-limit-probe",
+                                        args=(child, device, dtype, threads, bandwidth_bytes, repeats))
+        self._process.start()
+        child.close()
+        self._ready = False
+        self.results: list[dict[str, Any]] = []
+
+    def _receive(self) -> Any:
+        try:
+            kind, value = self._conn.recv()
+        except EOFError:
+            raise RuntimeError(f"the limit probe exited (code {self._process.exitcode})") from None
+        if kind == "error":
+            raise RuntimeError(f"the limit probe failed: {value}")
+        return value
+
+    def measure(self) -> dict[str, Any]:
+        if not self._ready:
+            self._receive()
+            self._ready = True
+        self._conn.send(True)
+        result = self._receive()
+        self.results.append(result)
+        return result
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._conn.send(False)
+        self._process.join(timeout=10)
+        if self._process.is_alive():
+            self._process.kill()
+        self._conn.close()
+
+
+def combine_limits(probes: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The median of several limit measurements, key by key, with the measured values kept."""
+    out = dict(probes[0])
+    for key in ("memory_bandwidth_gb_s", "read_sum_gb_s", "read_mv_gb_s", "matmul_gflop_s"):
+        out[key] = round(statistics.median(p[key] for p in probes), 1)
+    out["probes"] = len(probes)
+    out["memory_bandwidth_probes_gb_s"] = [p["memory_bandwidth_gb_s"] for p in probes]
+    out["matmul_probes_gflop_s"] = [p["matmul_gflop_s"] for p in probes]
+    return out
 
 
 def roofline(config, vocab: int, element_size: int, batches: Sequence[int], prompt_len: int, new_tokens: int,
@@ -228,6 +323,8 @@ async def _engine_phase(path: Path, prompts: list[list[int]], real_text: bool, s
                     token_budget=1 << 30)  # slots are the only bound here
     await engine.start()
     out: dict[str, Any] = {"info": engine.info}
+    probe = (LimitProbe(engine.info["device"], engine.info["dtype"], s["threads"], bandwidth_bytes=s["probe_bytes"])
+             if s["limits"] else None)
     tokenizer = engine._tokenizer
     texts = [tokenizer.decode(p) for p in prompts]
     got = len(tokenizer.encode(texts[0], add_special_tokens=False))
@@ -243,7 +340,8 @@ async def _engine_phase(path: Path, prompts: list[list[int]], real_text: bool, s
 
     try:
         await engine.generate(requests(2, 4))  # warm up
-        out["tok_per_s"] = {}
+        out["tok_per_s"], out["batch_limits"] = {}, {}
+        before = probe.measure() if probe else None
         for b in batches:
             times = []
             for _ in range(s["repeats"]):
@@ -253,6 +351,10 @@ async def _engine_phase(path: Path, prompts: list[list[int]], real_text: bool, s
                 assert all(r.new_tokens == new_tokens for r in results), "a row stopped early"
             out["tok_per_s"][str(b)] = round(b * new_tokens / statistics.median(times), 1)
             say(f"engine batch {b}: {out['tok_per_s'][str(b)]} tok/s")
+            if probe:
+                after = probe.measure()
+                out["batch_limits"][str(b)] = combine_limits([before, after])
+                before = after
         out["kv_cache_mb"] = round(engine._model.cache_bytes() / 2**20, 1)
 
         if s["continuous"]:
@@ -322,6 +424,9 @@ async def _engine_phase(path: Path, prompts: list[list[int]], real_text: bool, s
             f"{out['first_comment_busy_s']}s joining a batch of {BUSY_OTHERS}")
     finally:
         await engine.close()
+        if probe:
+            probe.close()
+            out["limit_probes"] = probe.results
 
     if s["continuous"]:  # the same 16 requests through 4 slots: the others join as rows finish
         narrow = Engine(path, device=s["device"], dtype=s["dtype"], threads=s["threads"], max_batch=4)
@@ -389,7 +494,7 @@ def run_bench(shape: str = "gpt2", model: str | Path | None = None, *, batches: 
               prompt_len: int = 64, new_tokens: int = 256, temperature: float = 1.0, top_p: float = 0.9,
               top_k: int = 0, repeats: int = 3, generate_repeats: int = 1, threads: int | None = None,
               device: str | None = None, dtype: str | None = None, generate: bool = True, continuous: bool = True,
-              comment_tokens: int = 80, limits: bool = True,
+              comment_tokens: int = 80, limits: bool = True, probe_bytes: int = 1 << 30,
               progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the benchmark (see the module docstring) and return its results as a JSON-ready dict.
 
@@ -407,13 +512,13 @@ def run_bench(shape: str = "gpt2", model: str | Path | None = None, *, batches: 
     settings = dict(batches=batches, prompt_len=prompt_len, new_tokens=new_tokens, temperature=temperature,
                     top_p=top_p, top_k=top_k, repeats=repeats, generate_repeats=generate_repeats,
                     threads=threads or torch.get_num_threads(), device=device, dtype=dtype, continuous=continuous,
-                    comment_tokens=comment_tokens)
+                    comment_tokens=comment_tokens, limits=limits, probe_bytes=probe_bytes)
     out: dict[str, Any] = {
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpus": os.cpu_count(), "torch_threads": settings["threads"], "torch": torch.__version__,
                     "transformers": transformers.__version__,
                     "load_average_at_start": [round(x, 2) for x in os.getloadavg()]},
-        "settings": {k: v for k, v in settings.items() if k != "continuous"},
+        "settings": {k: v for k, v in settings.items() if k not in ("continuous", "limits", "probe_bytes")},
     }
     with contextlib.ExitStack() as stack:
         if model is None:
@@ -453,14 +558,21 @@ def run_bench(shape: str = "gpt2", model: str | Path | None = None, *, batches: 
                                           for b, g in out["generate_tok_per_s"].items()}
         else:
             out["generate_tok_per_s"] = out["speedup_vs_generate"] = {}
-        if limits:
-            say("measuring the machine's limits")
-            out["limits"] = measure_limits(info["device"], info["dtype"])
+        probes, by_batch = engine.pop("limit_probes", None), engine.pop("batch_limits")
+        if probes:
+            # Each batch size against the limits probed just before and after its runs; the headline figures are
+            # the median of all probes.
             element = torch.empty(0, dtype=getattr(torch, info["dtype"])).element_size()
             kv_element = 4 if info["dtype"] == "int8" else element  # int8 matrices, fp32 activations and cache
-            out["limits"].update(roofline(config, info["vocab_size"], element, batches, prompt_len, new_tokens,
-                                          out["limits"]["memory_bandwidth_gb_s"], out["limits"]["matmul_gflop_s"],
-                                          kv_element))
+
+            def ceiling(lim: dict[str, Any], sizes: Sequence[int]) -> dict[str, Any]:
+                return roofline(config, info["vocab_size"], element, sizes, prompt_len, new_tokens,
+                                lim["memory_bandwidth_gb_s"], lim["matmul_gflop_s"], kv_element)
+
+            out["limits"] = {**combine_limits(probes), **ceiling(combine_limits(probes), batches)}
+            out["limits"]["tok_per_s"] = {b: ceiling(lim, [int(b)])["tok_per_s"][b] for b, lim in by_batch.items()}
+            out["limits"]["by_batch"] = {b: {k: lim[k] for k in ("memory_bandwidth_gb_s", "matmul_gflop_s")}
+                                         for b, lim in by_batch.items()}
             out["engine_fraction_of_limit"] = {b: round(t / out["limits"]["tok_per_s"][b], 3)
                                                for b, t in out["engine_tok_per_s"].items()}
         else:
@@ -521,8 +633,11 @@ def format_table(r: dict[str, Any]) -> str:
         f"{s['new_tokens']} new tokens, temperature {s['temperature']}, top_k {s['top_k']}, top_p {s['top_p']}",
     ]
     if lim:
-        lines.append(f"limits: memory read {lim['memory_bandwidth_gb_s']} GB/s, {lim.get('matmul_dtype', '')} matmul "
-                     f"{lim['matmul_gflop_s']} GFLOP/s; {lim['weight_bytes'] / 1e6:.0f} MB of weights per step")
+        reads, products = lim.get("memory_bandwidth_probes_gb_s", []), lim.get("matmul_probes_gflop_s", [])
+        lines.append(f"limits (median of {lim.get('probes', 1)} probes, one before and after each batch size): memory "
+                     f"read {lim['memory_bandwidth_gb_s']} GB/s{_spread(reads)}, {lim.get('matmul_dtype', '')} matmul "
+                     f"{lim['matmul_gflop_s']} GFLOP/s{_spread(products)}; {lim['weight_bytes'] / 1e6:.0f} MB of "
+                     f"weights per step; each batch's limit is from its own probes")
     lines.append(f"load average at start: {r['machine']['load_average_at_start']}")
     lines.append("")
     lines.append(f"{'batch':>5} | {'engine tok/s':>12} | {'generate tok/s':>14} | {'engine/generate':>15} | "
@@ -548,6 +663,10 @@ def format_table(r: dict[str, Any]) -> str:
     mem = ", ".join(f"{k} {v} MB" for k, v in r["peak_memory_mb"].items())
     lines.append(f"peak memory: {mem}; engine KV cache {r.get('kv_cache_mb')} MB")
     return "\n".join(lines)
+
+
+def _spread(xs: Sequence[float]) -> str:
+    return f" ({min(xs)}-{max(xs)})" if len(xs) > 1 else ""
 
 
 def _cell(x: Any, suffix: str = "") -> str:

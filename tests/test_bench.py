@@ -2,18 +2,38 @@
 
 import argparse
 import json
+import os
 
 import pytest
 
 from model import bench
 
 BATCHES = ("1", "2")
+PROBE_BYTES = 64 << 20
+
+
+class ScriptedProbe:
+    """Stands in for LimitProbe where a test needs known limits: the real one measures this machine."""
+
+    readings = [(10.0, 100.0), (30.0, 300.0), (50.0, 200.0)]
+
+    def __init__(self, *args, **kwargs):
+        self.results = []
+
+    def measure(self):
+        gbs, gflops = self.readings[len(self.results)]
+        self.results.append({"memory_bandwidth_gb_s": gbs, "read_sum_gb_s": gbs, "read_mv_gb_s": gbs / 2,
+                             "matmul_gflop_s": gflops, "matmul_dtype": "float32"})
+        return self.results[-1]
+
+    def close(self):
+        pass
 
 
 @pytest.fixture(scope="module")
 def result():
     return bench.run_bench("tiny", batches=(1, 2), prompt_len=8, new_tokens=6, repeats=1, threads=1,
-                           comment_tokens=4)
+                           comment_tokens=4, probe_bytes=PROBE_BYTES)
 
 
 def test_reports_the_required_keys(result):
@@ -22,6 +42,9 @@ def test_reports_the_required_keys(result):
         assert all(v > 0 for v in result[key].values()), key
     limits = result["limits"]
     assert limits["memory_bandwidth_gb_s"] > 0 and limits["matmul_gflop_s"] > 0
+    # probed before the first batch size and after each one, in a process of its own
+    assert limits["probes"] == 3 and len(limits["memory_bandwidth_probes_gb_s"]) == 3
+    assert tuple(limits["by_batch"]) == BATCHES
     assert tuple(limits["tok_per_s"]) == BATCHES and limits["weight_bytes"] > 0
     assert result["first_token_s"] > 0 and result["first_comment_s"] > 0 and result["first_comment_busy_s"] > 0
     assert "random weights" in result["first_comment_basis"]
@@ -47,7 +70,7 @@ def test_table_and_json(result, capsys, monkeypatch):
     bench.add_arguments(parser)
     args = parser.parse_args(["--shape", "tiny", "--batches", "1", "--new-tokens", "3", "--repeats", "1",
                               "--json", "--no-continuous", "--no-generate", "--threads", "1"])
-    monkeypatch.setattr(bench, "measure_limits", lambda *a: {"memory_bandwidth_gb_s": 10.0, "matmul_gflop_s": 100.0})
+    monkeypatch.setattr(bench, "LimitProbe", ScriptedProbe)
     assert bench.main(args) == 0
     out = json.loads(capsys.readouterr().out)  # exactly one JSON object on stdout
     assert out["engine_tok_per_s"]["1"] > 0 and out["generate_tok_per_s"] == {} and "continuous" not in out
@@ -70,3 +93,45 @@ def test_int8_runs_the_engine_and_generate_with_int8_matrices():
     d, layers, vocab = 64, 2, 600
     assert tiny["kv_bytes_per_row_step"] == 2 * layers * d * (8 + 6 / 2) * 4
     assert tiny["weight_bytes"] < (layers * 12 * d * d + vocab * d) * 2
+
+
+def test_each_batch_size_is_held_to_the_limits_probed_around_it(monkeypatch):
+    monkeypatch.setattr(bench, "LimitProbe", ScriptedProbe)
+    r = bench.run_bench("tiny", batches=(1, 2), prompt_len=8, new_tokens=6, repeats=1, threads=1, generate=False,
+                        continuous=False)
+    limits = r["limits"]
+    # probes 10, 30, 50 GB/s: batch 1 ran between the first two, batch 2 between the last two
+    assert limits["by_batch"] == {"1": {"memory_bandwidth_gb_s": 20.0, "matmul_gflop_s": 200.0},
+                                  "2": {"memory_bandwidth_gb_s": 40.0, "matmul_gflop_s": 250.0}}
+    assert limits["memory_bandwidth_gb_s"] == 30.0 and limits["matmul_gflop_s"] == 200.0  # medians
+    assert limits["memory_bandwidth_probes_gb_s"] == [10.0, 30.0, 50.0]
+    from model.tiny import gpt2_config
+
+    config = gpt2_config("tiny")
+    for b, gbs, gflops in (("1", 20.0, 200.0), ("2", 40.0, 250.0)):
+        alone = bench.roofline(config, 600, 4, [int(b)], 8, 6, gbs, gflops)["tok_per_s"][b]
+        assert limits["tok_per_s"][b] == alone
+        assert r["engine_fraction_of_limit"][b] == round(r["engine_tok_per_s"][b] / alone, 3)
+    assert "memory read 30.0 GB/s (10.0-50.0)" in bench.format_table(r)
+
+
+def test_the_limit_probe_measures_again_in_its_own_process():
+    probe = bench.LimitProbe("cpu", "float32", 1, bandwidth_bytes=PROBE_BYTES)
+    try:
+        first, second = probe.measure(), probe.measure()
+        pid = probe._process.pid
+    finally:
+        probe.close()
+    assert pid != os.getpid() and not probe._process.is_alive()
+    for r in (first, second):
+        assert r["memory_bandwidth_gb_s"] > 0 and r["matmul_gflop_s"] > 0 and r["matmul_dtype"] == "float32"
+    assert probe.results == [first, second]
+
+
+def test_a_failing_limit_probe_says_why():
+    probe = bench.LimitProbe("cpu", "no_such_dtype", 1, bandwidth_bytes=PROBE_BYTES)
+    try:
+        with pytest.raises(RuntimeError, match="limit probe failed.*no_such_dtype"):
+            probe.measure()
+    finally:
+        probe.close()
