@@ -629,7 +629,7 @@ def format_table(r: dict[str, Any]) -> str:
     name = m.get("shape") or m.get("path")
     lines = [
         f"model: {name} ({m['parameters'] / 1e6:.1f}M parameters, vocab {m['vocab_size']}), {m['device']} "
-        f"{m['dtype']}{' (row kernel)' if m.get('row_kernel') else ''}, {r['machine']['torch_threads']} threads; prompt {m['prompt_tokens']} tokens, "
+        f"{m['dtype']}{_compiled(m)}, {r['machine']['torch_threads']} threads; prompt {m['prompt_tokens']} tokens, "
         f"{s['new_tokens']} new tokens, temperature {s['temperature']}, top_k {s['top_k']}, top_p {s['top_p']}",
     ]
     if lim:
@@ -663,6 +663,13 @@ def format_table(r: dict[str, Any]) -> str:
     mem = ", ".join(f"{k} {v} MB" for k, v in r["peak_memory_mb"].items())
     lines.append(f"peak memory: {mem}; engine KV cache {r.get('kv_cache_mb')} MB")
     return "\n".join(lines)
+
+
+def _compiled(model: dict[str, Any]) -> str:
+    """Which compiled kernels (model/rowkernel.py) the engine ran, for the table's header."""
+    parts = [name for key, name in (("row_kernel", "row kernel"), ("attention_kernel", "attention kernel"))
+             if model.get(key)]
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def _spread(xs: Sequence[float]) -> str:

@@ -381,6 +381,10 @@ class CachedGPT2:
                 kernels, [(b[0], b[1], b[2].few_rows, b[2].bias, b[3].few_rows, b[3].bias, b[4], b[5], b[6].few_rows,
                            b[6].bias, b[7].few_rows, b[7].bias) for b in self.layers], self.n_head, self.eps,
                 self.scales)
+        # More rows (or no blocks): oneDNN's matrices around the same library's attention, where it builds.
+        self.attention = None
+        if cpu and out.dtype == torch.float32 and (kernels := rowkernel.load()) is not None:
+            self.attention = rowkernel.DecodeAttention(kernels, self.n_head, self.d, self.scales)
         self.wpe = body.wpe.weight.detach()
         self.wte = body.wte.weight.detach()
         self.ln_f = (body.ln_f.weight.detach(), body.ln_f.bias.detach())
@@ -455,12 +459,19 @@ class CachedGPT2:
 
         `length` (max position + 1, if the caller knows it without a device sync) bounds the attention; ragged=False
         says every row is at position length - 1 (nothing to mask). Up to `rowkernel.BLOCK_ROWS` rows go through the
-        compiled blocks where they are built; those attend by each row's position, so they need neither.
+        compiled blocks where they are built, and more rows through the compiled attention; both attend by each
+        row's position, so they need neither.
         """
         n = tokens.shape[0]
         x = F.embedding(tokens, self.wte) + self.wpe[positions]
         if self.blocks is not None and n <= rowkernel.BLOCK_ROWS:
             self.blocks(x, self.k, self.v, positions)
+            return self._logits(x)
+        if self.attention is not None:
+            attend = self.attention.step(self.k, self.v, positions)
+            for i, layer in enumerate(self.layers):
+                a = attend(i, layer[2](F.layer_norm(x, (self.d,), layer[0], layer[1], self.eps)).contiguous())
+                x = self._mlp(layer[3](a, add=x), layer)
             return self._logits(x)
         if length is None:
             length = int(positions.max()) + 1
@@ -613,8 +624,8 @@ class Engine:
 
     @property
     def info(self) -> dict[str, Any]:
-        """path, parameters, device, dtype, vocab_size, context_length, max_batch, token_budget, row_kernel (started
-        engine)."""
+        """path, parameters, device, dtype, vocab_size, context_length, max_batch, token_budget, row_kernel,
+        attention_kernel (started engine)."""
         if self._info is None:
             raise RuntimeError("engine not started")
         return dict(self._info)
@@ -772,6 +783,7 @@ class Engine:
             "max_batch": self.max_batch,
             "token_budget": self.token_budget,
             "row_kernel": self._model.blocks is not None,  # 1-4 rows decode through model/rowkernel.py
+            "attention_kernel": self._model.attention is not None,  # the other steps attend through it
         }
 
     def _resolve_dtype(self, device: torch.device) -> torch.dtype:

@@ -49,6 +49,7 @@ class Kernels:
 
     rows_linear: Callable[..., None]
     decode_layer: Callable[..., None]
+    decode_attention: Callable[..., None]
 
 
 @functools.cache
@@ -60,14 +61,17 @@ def load() -> Kernels | None:
     try:
         library = ctypes.CDLL(str(_build()))
         rows, layer = library.hnaas_rows_linear, library.hnaas_decode_layer
+        attention = library.hnaas_decode_attention
     except (OSError, subprocess.SubprocessError, AttributeError) as exc:
-        log.warning("row kernel unavailable, so requests alone run at about half speed on torch ops: %s", exc)
+        log.warning("row kernel unavailable, so decode steps run on torch ops (requests alone at about half "
+                    "speed): %s", exc)
         return None
     pointer, size, number = ctypes.c_void_p, ctypes.c_long, ctypes.c_float
-    rows.restype = layer.restype = None
+    rows.restype = layer.restype = attention.restype = None
     rows.argtypes = [pointer] * 5 + [size] * 3 + [ctypes.c_int] * 2
     layer.argtypes = [pointer] * 16 + [size] * 5 + [number] * 2 + [pointer, ctypes.c_int]
-    return Kernels(rows, layer)
+    attention.argtypes = [pointer] * 4 + [size] * 4 + [number] + [pointer] * 2 + [ctypes.c_int]
+    return Kernels(rows, layer, attention)
 
 
 def linear(kernels: Kernels, weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -114,25 +118,67 @@ class DecodeBlocks:
         (a CPU integer tensor [n]), writing each row's keys and values into the caches [blocks, slots, heads,
         capacity, head_dim]."""
         n = x.shape[0]
-        layers, slots, heads, capacity, head_dim = keys.shape
         if not (x.dtype == torch.float32 and x.is_contiguous() and tuple(x.shape) == (n, self.d)):
             raise ValueError(f"the decode kernel needs a contiguous fp32 [n, {self.d}] input")
-        if (layers, heads, heads * head_dim) != (len(self.addresses), self.heads, self.d) or any(
-                cache.dtype != torch.float32 or not cache.is_contiguous() or cache.shape != keys.shape
-                for cache in (keys, values)):
-            raise ValueError("the decode kernel needs contiguous fp32 key and value caches that fit the model")
-        rows = positions.to(torch.long).contiguous()  # the kernel reads it as C longs
-        where = rows.tolist()
-        if len(where) != n or n > slots or min(where) < 0 or max(where) >= capacity:
-            raise ValueError(f"{n} rows need positions in [0, {capacity})")  # else the kernel writes out of bounds
-        scratch = torch.empty(n * (5 * self.d + self.inner) + n * heads * (max(where) + 1), dtype=torch.float32)
-        threads = torch.get_num_threads()
-        block_size = slots * heads * capacity * head_dim
+        rows, length, layer_bytes = _check_step(keys, values, positions, n, len(self.addresses), self.heads, self.d)
+        scratch = torch.empty(n * (5 * self.d + self.inner) + n * self.heads * length, dtype=torch.float32)
+        threads, capacity = torch.get_num_threads(), keys.shape[3]
         for i, block in enumerate(self.addresses):
-            offset = i * block_size * 4  # bytes into the caches
+            offset = i * layer_bytes
             self.kernels.decode_layer(x.data_ptr(), *block, keys.data_ptr() + offset, values.data_ptr() + offset,
-                                      rows.data_ptr(), n, self.d, self.inner, heads, capacity, self.scales[i],
+                                      rows.data_ptr(), n, self.d, self.inner, self.heads, capacity, self.scales[i],
                                       self.eps, scratch.data_ptr(), threads)
+
+
+class DecodeAttention:
+    """The attention of decode steps with more rows than DecodeBlocks takes, whose matrices stay with oneDNN: one
+    compiled call per layer writes each row's new key and value into the cache and attends over that row's own
+    positions (no mask, ragged or not). In torch that is an indexed cache write, two batched matrix products, a
+    scale, a mask and a softmax, and the products read the cache at ~11 GB/s on the AMD machine (43 of ~110 ms of a
+    gpt2-124M step at 32 rows and 200 positions); the kernel reads each (row, head)'s keys and values as one
+    contiguous run each."""
+
+    def __init__(self, kernels: Kernels, heads: int, d: int, scales: Sequence[float]) -> None:
+        if d % heads:
+            raise ValueError("heads must divide the width")
+        self.kernels, self.heads, self.d, self.scales = kernels, heads, d, list(scales)
+
+    def step(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor
+             ) -> Callable[[int, torch.Tensor], torch.Tensor]:
+        """For one decode step of rows at `positions` (row r in cache slot r): checks the caches [layers, slots,
+        heads, capacity, head_dim] and the positions once, and gives `attend(layer, qkv [n, 3d]) -> a [n, d]`."""
+        n = positions.shape[0]
+        rows, length, layer_bytes = _check_step(keys, values, positions, n, len(self.scales), self.heads, self.d)
+        scores = torch.empty(n * self.heads * length, dtype=torch.float32)
+        threads, capacity = torch.get_num_threads(), keys.shape[3]
+
+        def attend(layer: int, qkv: torch.Tensor) -> torch.Tensor:
+            if not (qkv.dtype == torch.float32 and qkv.is_contiguous() and tuple(qkv.shape) == (n, 3 * self.d)):
+                raise ValueError(f"the attention kernel needs a contiguous fp32 [{n}, {3 * self.d}] input")
+            a = torch.empty(n, self.d, dtype=torch.float32)
+            offset = layer * layer_bytes
+            self.kernels.decode_attention(qkv.data_ptr(), keys.data_ptr() + offset, values.data_ptr() + offset,
+                                          rows.data_ptr(), n, self.d, self.heads, capacity, self.scales[layer],
+                                          a.data_ptr(), scores.data_ptr(), threads)
+            return a
+
+        return attend
+
+
+def _check_step(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, n: int, layers: int, heads: int,
+                d: int) -> tuple[torch.Tensor, int, int]:
+    """What the kernels need of one decode step's caches and positions, checked before C writes to raw memory:
+    the positions as C longs, the attention length (max position + 1) and the bytes of one layer's cache."""
+    if any(cache.dtype != torch.float32 or not cache.is_contiguous() or cache.dim() != 5 or cache.shape != keys.shape
+           for cache in (keys, values)) or (keys.shape[0], keys.shape[2], keys.shape[2] * keys.shape[4]) != (
+               layers, heads, d):
+        raise ValueError("the decode kernel needs contiguous fp32 key and value caches that fit the model")
+    slots, capacity = keys.shape[1], keys.shape[3]
+    rows = positions.to(torch.long).contiguous()  # the kernel reads it as C longs
+    where = rows.tolist()
+    if len(where) != n or n > slots or min(where, default=0) < 0 or max(where, default=0) >= capacity:
+        raise ValueError(f"{n} rows need positions in [0, {capacity})")  # else the kernel writes out of bounds
+    return rows, max(where, default=0) + 1, keys[0].numel() * 4
 
 
 def _floats(t: torch.Tensor) -> torch.Tensor:

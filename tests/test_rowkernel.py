@@ -129,17 +129,68 @@ def test_fused_blocks_decode_what_the_torch_ops_decode(monkeypatch, tiny_model, 
     assert blocks is not None
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [14], [15, 16, 17, 18]][:rows]
     tokens, positions = torch.tensor([3, 4, 5, 6][:rows]), torch.tensor([6, 3, 1, 4][:rows])
+    _assert_decodes_alike(forward, "blocks", prompts, tokens, positions)
+
+
+@needs_compiler
+@pytest.mark.parametrize(("rows", "blocks"), [(8, True), (5, True), (3, False), (1, False)])
+def test_compiled_attention_decodes_what_the_torch_ops_decode(monkeypatch, tiny_model, rows, blocks):
+    """More rows than the fused blocks take (or no blocks, as on Intel): oneDNN's matrices around the compiled
+    attention give the torch path's logits and cache, ragged positions included."""
+    from transformers import GPT2LMHeadModel
+
+    from model import engine as engine_module
+    from model.engine import CachedGPT2
+
+    monkeypatch.setattr(engine_module, "mkl_reads_one_row_fastest", lambda: not blocks)
+    forward = CachedGPT2(GPT2LMHeadModel.from_pretrained(tiny_model).eval(), slots=8)
+    attention = forward.attention
+    assert attention is not None and (forward.blocks is not None) is (blocks and forward.layers[0][2].packed
+                                                                      is not None)
+    torch.manual_seed(rows)
+    prompts = [torch.randint(0, 500, (length,)).tolist() for length in (6, 3, 1, 4, 9, 2, 7, 5)[:rows]]
+    positions = torch.tensor([len(p) for p in prompts])
+    tokens = torch.randint(0, 500, (rows,))
+    _assert_decodes_alike(forward, "attention", prompts, tokens, positions)
+
+
+def _assert_decodes_alike(forward, kernel: str, prompts, tokens, positions):
+    """Prefill, then three decode steps, without and with forward's `kernel` attribute: the same logits, and the same
+    keys and values left in the cache."""
+    rows, compiled = len(prompts), getattr(forward, kernel)
     results = []
     with torch.inference_mode():
-        for fused in (None, blocks):
-            forward.blocks = fused
+        for use in (None, compiled):
+            setattr(forward, kernel, use)
             forward.prefill(0, prompts)
             logits = [forward.decode(tokens, positions)]
             logits.append(forward.decode(tokens + 1, positions + 1))  # reads what the step before wrote
+            same = torch.full((rows,), 10)  # every row at one position: the unmasked torch path
+            logits.append(forward.decode(tokens + 2, same, 11, ragged=False))
             results.append((torch.cat(logits), forward.k[:, :rows].clone(), forward.v[:, :rows].clone()))
     (ref, ref_k, ref_v), (got, got_k, got_v) = results
     assert (got - ref).abs().max() < 1e-4 * (1 + ref.abs().max())
     assert (got_k - ref_k).abs().max() < 1e-5 and (got_v - ref_v).abs().max() < 1e-5
+
+
+@needs_compiler
+def test_compiled_attention_refuses_what_would_write_out_of_bounds(tiny_model):
+    from transformers import GPT2LMHeadModel
+
+    from model.engine import CachedGPT2
+
+    forward = CachedGPT2(GPT2LMHeadModel.from_pretrained(tiny_model).eval(), slots=2)
+    forward.reserve(8)
+    attention = forward.attention
+    for positions in ([forward.capacity, 0], [-1], [0, 1, 2]):
+        with pytest.raises(ValueError, match="positions"):
+            attention.step(forward.k, forward.v, torch.tensor(positions))
+    with pytest.raises(ValueError, match="caches"):
+        attention.step(forward.k[:1], forward.v, torch.tensor([0]))
+    attend = attention.step(forward.k, forward.v, torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="input"):
+        attend(0, torch.zeros(2, forward.d))
+    assert attend(0, torch.zeros(2, 3 * forward.d)).shape == (2, forward.d)
 
 
 @needs_compiler
@@ -180,6 +231,7 @@ async def test_the_engine_says_whether_it_uses_the_kernel_and_writes_the_same_th
         try:
             assert engine.info["row_kernel"] is (available and HAVE_COMPILER and engine._model.layers[0][2].packed
                                                  is not None)
+            assert engine.info["attention_kernel"] is (available and HAVE_COMPILER)
             [results[available]] = await engine.generate([request])
         finally:
             await engine.close()
