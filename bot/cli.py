@@ -17,10 +17,13 @@ MISSING_MODEL = """No model at {path}.
 The embedded default model lives in model/default/ of the HNaaS repository; reinstall from a full clone, or
 point --model / HNAAS_MODEL at a Hugging Face GPT-2 checkpoint directory (see `hnaas train` and `hnaas export`)."""
 
+SLACK_NOT_SERVED = ("Slack credentials are set, but this version of HNaaS serves Discord only (the Slack adapter is "
+                    "not built yet): they are ignored.")
+
 NO_PLATFORM = """No platform is configured, so there is nothing for `hnaas run` to connect to.
   Discord: set DISCORD_TOKEN (Developer Portal → your application → Bot → Reset Token; enable the Message Content
            intent there too). `hnaas discord invite` prints the URL that adds the bot to a server.
-  Slack:   set SLACK_BOT_TOKEN and SLACK_APP_TOKEN (Socket Mode), or SLACK_SIGNING_SECRET (HTTP mode).
+  Slack:   not served by this version yet (the adapter is not built).
 To try HNaaS without any account, run `hnaas chat`: a terminal channel with the same bot."""
 
 
@@ -60,6 +63,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     platforms = []
     if settings.discord_token:
         platforms.append("discord")
+    if settings.slack_bot_token or settings.slack_app_token or settings.slack_signing_secret:
+        print(SLACK_NOT_SERVED, file=sys.stderr)  # said, not silently dropped: they may be all the user set
     if not platforms:
         print(NO_PLATFORM, file=sys.stderr)
         return 2

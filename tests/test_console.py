@@ -82,4 +82,11 @@ def test_missing_model_and_missing_platforms_say_what_to_do(tmp_path, capsys, mo
     assert "No model at" in capsys.readouterr().err
     assert main(["run"]) == 2
     err = capsys.readouterr().err
-    assert "DISCORD_TOKEN" in err and "hnaas chat" in err
+    assert "DISCORD_TOKEN" in err and "hnaas chat" in err and "ignored" not in err
+    # Slack credentials alone: still nothing to serve, and the user is told why they are not used
+    monkeypatch.setenv("SLACK_BOT_TOKEN", "xoxb-1")
+    monkeypatch.setenv("SLACK_APP_TOKEN", "xapp-1")
+    assert main(["run"]) == 2
+    err = capsys.readouterr().err
+    assert "Discord only" in err and "ignored" in err and "DISCORD_TOKEN" in err
+    assert "xoxb-1" not in err and "xapp-1" not in err
