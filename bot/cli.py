@@ -129,6 +129,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- moderation -------------------------------------------------------------------------------------------------
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """The audit trail, newest first: who deleted, purged, cancelled, regenerated or changed a setting."""
+    import dataclasses
+    import json
+    from datetime import datetime, timezone
+
+    from bot.queue import read_audit
+
+    settings = _settings(args)
+    if not Path(settings.db).exists():
+        print(f"No queue database at {settings.db} (set --db or HNAAS_DB).", file=sys.stderr)
+        return 2
+    for entry in read_audit(settings.db, args.limit):
+        if args.json:
+            print(json.dumps(dataclasses.asdict(entry), ensure_ascii=False))
+            continue
+        when = datetime.fromtimestamp(entry.at, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+        details = json.dumps(entry.details, ensure_ascii=False) if entry.details else ""
+        print(f"{when}  {entry.actor}  {entry.action}  {entry.target or '-'}  {details}".rstrip())
+    return 0
+
+
 # -- wiring -----------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,6 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, help="length budget in tokens")
     p.add_argument("--json", action="store_true", help="print thread JSON instead of the rendered thread")
     p.set_defaults(func=cmd_generate)
+
+    p = commands.add_parser("audit", help="print the audit trail (deletes, purges, setting changes), newest first")
+    p.add_argument("--config", help="TOML settings file (default: $HNAAS_CONFIG)")
+    p.add_argument("--db", help="queue SQLite file (default: $HNAAS_DB or hnaas.sqlite3)")
+    p.add_argument("--limit", type=int, default=50, help="how many entries (default: 50)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line: id, at, actor, action, target, "
+                                                      "details")
+    p.set_defaults(func=cmd_audit)
 
     from training import data_cli
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 from bot import __version__
 from bot.errors import HnaasError, InputRejected, JobNotFound, PostError
 from bot.links import LinkResolver, extract_urls
+from bot.moderation import PurgeReport, PurgeScope
 from bot.queue import Job, NewJob, Queue
 from bot.render import RenderedMessage, RenderLimits, Story, render_comment, render_header, render_thread
 from bot.settings import Settings
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
     from bot.worker import Worker
 
 log = logging.getLogger(__name__)
+
+PURGE_LIMIT = 200  # jobs per purge: each costs a platform call per message, and the moderator waits for the answer
 
 
 @dataclass(frozen=True)
@@ -182,14 +185,49 @@ class Core:
         job = await self.queue.get(job_id)
         if actor_id != job.requester_id and not is_moderator:
             raise JobNotFound("Only the person who asked for this thread, or a moderator, can delete it.")
-        posts = await self.queue.posts(job_id)
-        poster = self.posters.get(job.platform)
-        if poster is not None and posts:
-            await poster.delete(job, list(posts.values()), job.thread_ref)
-        purged = await self.queue.mark_purged(job_id) or job
+        messages = await self._remove_output(job)
         await self.queue.audit(f"user:{actor_id}", "delete", f"job:{job_id}",
-                               {"messages": len(posts), "moderator": is_moderator})
-        return purged
+                               {"messages": messages, "moderator": is_moderator})
+        return await self.queue.get(job_id)
+
+    async def purge(self, scope: PurgeScope, actor_id: str, *, limit: int = PURGE_LIMIT) -> PurgeReport:
+        """A moderator's purge (``bot.moderation``): for each job in scope, cancel it if it has not started, delete
+        what was posted for it, and mark it purged, so that nothing of it is posted later. Up to ``limit`` jobs per
+        call (the report says when more are left). One audit entry per purge. The caller checks the actor's right
+        to moderate; the scope keeps the purge inside the actor's own server."""
+        jobs = await self.queue.jobs_in_scope(scope, limit + 1)
+        report = PurgeReport(more=len(jobs) > limit)
+        for job in jobs[:limit]:
+            cancelled = await self.queue.cancel_waiting(job.id)
+            try:
+                report.messages += await self._remove_output(job)
+            except PostError as e:
+                log.warning("purge: job %s: %s", job.id, e)
+                report.failed[job.id] = e.user_message
+                continue
+            report.jobs.append(job.id)
+            if cancelled is not None:
+                report.cancelled += 1
+                await self._notify(cancelled, "cancelled", "Removed by a moderator.")
+        await self.queue.audit(f"user:{actor_id}", "purge", scope.target,
+                               {**scope.describe(), "jobs": report.jobs, "messages": report.messages,
+                                "cancelled": report.cancelled, "failed": report.failed})
+        return report
+
+    async def _remove_output(self, job: Job) -> int:
+        """Delete every message posted for a job and mark it purged; the number of messages. Under the job's
+        publishing lock: a post in flight finishes first (and is deleted too), and none follows (``publish`` and
+        ``stream_comment`` skip purged jobs). Raises ``PostError`` (the job stays unpurged, so it can be retried)."""
+        async with self._lock(job.id):
+            posts = await self.queue.posts(job.id)
+            if posts:
+                poster = self.posters.get(job.platform)
+                if poster is None:
+                    raise PostError(f"I'm not connected to {job.platform} right now, so I can't delete its messages.")
+                current = await self.queue.get(job.id)  # the thread may have been created since `job` was read
+                await poster.delete(current, list(posts.values()), current.thread_ref)
+            await self.queue.mark_purged(job.id)
+        return len(posts)
 
     async def option(self, scope: str, name: str, default=None):
         return await self.queue.option(scope, name, default)
@@ -220,6 +258,9 @@ class Core:
         story = self._story(job)
         async with self._lock(job.id):
             try:
+                if (await self.queue.get(job.id)).purged_at is not None:  # a moderator removed it meanwhile
+                    await self.queue.mark_done(job.id)
+                    return
                 posted = await self.queue.posts(job.id)
                 header_streamed = "h" in posted and job.id in self._streamed
                 await self._post_all(poster, job, render_thread(thread, story, poster.limits), posted)
@@ -246,6 +287,8 @@ class Core:
         story = self._story(job)
         messages = render_comment(story, path, comment, poster.limits)
         async with self._lock(job.id):
+            if (await self.queue.get(job.id)).purged_at is not None:
+                return
             posted = await self.queue.posts(job.id)
             if "h" not in posted:
                 messages.insert(0, render_header(story, None, poster.limits))

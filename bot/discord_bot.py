@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import re
+import time
 from typing import TYPE_CHECKING, Any, Literal
 
 import aiohttp
@@ -35,6 +36,7 @@ from discord import app_commands
 
 from bot.core import Origin, Posted, Request
 from bot.errors import HnaasError, PostError
+from bot.moderation import PurgeScope
 from bot.render import RenderLimits, neutralise_mentions
 
 if TYPE_CHECKING:
@@ -640,6 +642,38 @@ class HnaasCommands(app_commands.Group):
         if mode == "on" and not self.bot.intents.message_content:
             text += " (I can't read message content here, so mention me with the link.)"
         await interaction.response.send_message(text, ephemeral=True)
+
+
+    @app_commands.command(name="purge")
+    @app_commands.describe(
+        job_id="One request number",
+        member="Everything this member asked for",
+        channel="Everything asked for in this channel",
+        since="Requests made since: an age (30m, 2h, 3d, 1w) or a UTC date (2026-12-01 or 2026-12-01 14:30)",
+        until="Requests made before: an age or a UTC date",
+    )
+    async def purge(self, interaction: discord.Interaction, job_id: app_commands.Range[int, 1] | None = None,
+                    member: discord.User | None = None, channel: discord.TextChannel | discord.Thread | None = None,
+                    since: str | None = None, until: str | None = None) -> None:
+        """Remove HNaaS threads in this server: one request, a member's, a channel's, a time range's (moderators)."""
+        if not interaction.permissions.manage_messages:
+            await interaction.response.send_message("Only members who can manage messages can purge.",
+                                                    ephemeral=True)
+            return
+        try:
+            scope = PurgeScope.from_options(
+                PLATFORM, str(interaction.guild_id), job_id=job_id, requester_id=str(member.id) if member else None,
+                channel_id=str(channel.id) if channel else None, since=since, until=until, now=time.time())
+        except HnaasError as exc:
+            await interaction.response.send_message(exc.user_message, ephemeral=True)
+            return
+        await interaction.response.defer(ephemeral=True, thinking=True)  # one delete call per message: can be slow
+        try:
+            report = await self.bot.core.purge(scope, str(interaction.user.id))
+        except Exception as exc:
+            await self.bot.answer(interaction, _user_text(exc, f"purging {scope}"))
+            return
+        await interaction.followup.send(report.summary(), ephemeral=True)
 
 
 def format_status(status: dict[str, Any]) -> str:

@@ -29,11 +29,13 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import aiosqlite
 
 from bot.errors import JobNotFound, QueueFull
+from bot.moderation import PurgeScope
 
 BUSY_TIMEOUT_MS = 5000  # a second connection waits this long for the write lock instead of failing at once
 
@@ -256,6 +258,11 @@ SELECT_POST_MESSAGE = "SELECT message_id FROM posts WHERE job_id = ? AND key = ?
 SELECT_POSTS = "SELECT * FROM posts WHERE job_id = ? ORDER BY rowid"
 SET_THREAD_REF = "UPDATE jobs SET thread_ref = ?, updated_at = ? WHERE id = ?"
 MARK_PURGED = "UPDATE jobs SET purged_at = ?, updated_at = ? WHERE id = ? RETURNING *"
+CANCEL_WAITING = """
+UPDATE jobs SET status = 'cancelled', finished_at = ?, updated_at = ?
+WHERE id = ? AND status IN ('resolving', 'queued')
+RETURNING *
+"""
 INSERT_AUDIT = "INSERT INTO audit_log (at, actor, action, target, details) VALUES (?, ?, ?, ?, ?)"
 SELECT_AUDIT = "SELECT * FROM audit_log ORDER BY id DESC LIMIT ?"
 SELECT_OPTION = "SELECT value FROM options WHERE scope = ? AND name = ?"
@@ -714,6 +721,26 @@ class Queue:
         now = self._clock()
         return await self._update_one(MARK_PURGED, (now, now, job_id))
 
+    async def cancel_waiting(self, job_id: int) -> Job | None:
+        """Cancel a job that has not started (whoever asked for it: a moderator's purge). None if it had."""
+        now = self._clock()
+        return await self._update_one(CANCEL_WAITING, (now, now, job_id))
+
+    async def jobs_in_scope(self, scope: PurgeScope, limit: int = 200) -> list[Job]:
+        """Jobs a purge covers that are not purged yet, oldest first: the scope's platform and server, and each
+        filter it sets (``bot.moderation.PurgeScope``). A channel covers the requests made in it (for one made inside
+        a thread, ``channel_id`` is that thread)."""
+        where = ["purged_at IS NULL", "platform = ?", "guild_id IS ?"]
+        params: list[Any] = [scope.platform, scope.guild_id]
+        for clause, value in (("id = ?", scope.job_id), ("requester_id = ?", scope.requester_id),
+                              ("channel_id = ?", scope.channel_id), ("created_at >= ?", scope.since),
+                              ("created_at < ?", scope.until)):
+            if value is not None:
+                where.append(clause)
+                params.append(value)
+        sql = f"SELECT * FROM jobs WHERE {' AND '.join(where)} ORDER BY id LIMIT ?"
+        return [_job(row) for row in await self._read(sql, (*params, limit))]
+
     # -- audit --
 
     async def audit(self, actor: str, action: str, target: str | None = None,
@@ -733,6 +760,20 @@ class Queue:
 
     async def audit_entries(self, limit: int = 50) -> list[AuditEntry]:
         """Newest first."""
-        rows = await self._read(SELECT_AUDIT, (limit,))
-        return [AuditEntry(row["id"], row["at"], row["actor"], row["action"], row["target"],
-                           json.loads(row["details"])) for row in rows]
+        return [_audit_entry(row) for row in await self._read(SELECT_AUDIT, (limit,))]
+
+
+def read_audit(path: str | os.PathLike[str], limit: int = 50) -> list[AuditEntry]:
+    """The audit log of a queue file, newest first, read-only: a reader beside a running bot changes nothing (opening
+    a ``Queue`` would migrate and requeue expired leases)."""
+    db = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        db.row_factory = sqlite3.Row
+        db.execute(PRAGMA_BUSY_TIMEOUT)
+        return [_audit_entry(row) for row in db.execute(SELECT_AUDIT, (limit,))]
+    finally:
+        db.close()
+
+
+def _audit_entry(row: sqlite3.Row) -> AuditEntry:
+    return AuditEntry(row["id"], row["at"], row["actor"], row["action"], row["target"], json.loads(row["details"]))

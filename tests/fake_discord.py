@@ -49,6 +49,8 @@ BOT_PERMISSIONS = (VIEW_CHANNEL | SEND_MESSAGES | EMBED_LINKS | READ_MESSAGE_HIS
 MEMBER_PERMISSIONS = VIEW_CHANNEL | SEND_MESSAGES | READ_MESSAGE_HISTORY | ADD_REACTIONS | SEND_MESSAGES_IN_THREADS
 ADMIN_PERMISSIONS = MEMBER_PERMISSIONS | MANAGE_MESSAGES | MANAGE_CHANNELS
 
+USER_OPTION, CHANNEL_OPTION = 6, 7  # application command option types
+
 DISCORD_EPOCH_MS = 1420070400000
 EPHEMERAL = 1 << 6  # message flag
 JSON = "application/json"  # discord.py checks the content type exactly
@@ -320,7 +322,8 @@ class FakeDiscord:
 
     async def slash_command(self, channel_id: str, user: dict[str, Any], path: str, *,
                             permissions: int = MEMBER_PERMISSIONS, **options: Any) -> str:
-        """Invoke a registered command, e.g. ``slash_command(ch, user, "hnaas generate", title_or_url="x")``.
+        """Invoke a registered command, e.g. ``slash_command(ch, user, "hnaas generate", title_or_url="x")``. A user
+        option takes a user payload (``fake.user()``), a channel option a channel id.
 
         Option types come from the commands the bot registered, as Discord would send them. Returns the token.
         """
@@ -337,10 +340,25 @@ class FakeDiscord:
             holder = inner
         declared = {o["name"]: o for o in node.get("options", [])}
         holder["options"] = holder.get("options", [])
+        resolved: dict[str, dict[str, Any]] = {}
         for name, value in options.items():
             if name not in declared:
                 raise AssertionError(f"/{path} has no option {name!r}")
-            holder["options"].append({"name": name, "type": declared[name]["type"], "value": value})
+            kind = declared[name]["type"]
+            if kind == USER_OPTION:  # given as a user payload; Discord sends the id and the resolved user/member
+                member = self.member_payload(value, MEMBER_PERMISSIONS)
+                del member["user"]
+                resolved.setdefault("users", {})[value["id"]] = value
+                resolved.setdefault("members", {})[value["id"]] = member
+                value = value["id"]
+            elif kind == CHANNEL_OPTION:  # given as a channel id
+                channel = self.channel_payload(self.channels[value])
+                resolved.setdefault("channels", {})[value] = {
+                    key: channel[key] for key in ("id", "name", "type", "parent_id", "thread_metadata")
+                    if key in channel} | {"permissions": str(MEMBER_PERMISSIONS)}
+            holder["options"].append({"name": name, "type": kind, "value": value})
+        if resolved:
+            data["resolved"] = resolved
         interaction = self._interaction(2, channel_id, user, data, permissions)
         await self.dispatch("INTERACTION_CREATE", interaction)
         return interaction["token"]

@@ -28,6 +28,7 @@ from bot.discord_bot import (
     run_discord,
     thread_name,
 )
+from bot.moderation import NOTHING_CHOSEN
 from bot.queue import Job
 from bot.render import RenderedMessage, Story, render_thread
 from bot.settings import Settings
@@ -37,6 +38,7 @@ from model.tree import Comment, Thread
 from tests.fake_discord import (
     ADMIN_PERMISSIONS,
     BOT_ID,
+    EPHEMERAL,
     MANAGE_MESSAGES,
     MEMBER_PERMISSIONS,
     FakeDiscord,
@@ -467,6 +469,44 @@ async def test_buttons_work_after_a_restart(harness, fake):
     assert fake.channel_messages(request["id"]) == [] and fake.channels[request["id"]].archived
     assert (await harness.job(1)).purged_at is not None
     assert len(fake.channel_messages(header2["id"])) == N_TREE  # job 2 untouched
+
+
+async def test_moderators_purge_a_members_threads_and_a_channels(harness, fake):
+    await harness.start()
+    alice, bob, mod = fake.user(name="alice"), fake.user(name="bob"), fake.user(name="mod")
+    elsewhere = fake.add_channel("elsewhere").id
+    asked = [await fake.send_message(channel, who, title, mention_bot=True)
+             for channel, who, title in [(fake.general, alice, "Alice's story"), (elsewhere, alice, "Alice again"),
+                                         (fake.general, bob, "Bob's story"), (elsewhere, bob, "Bob elsewhere")]]
+    await harness.settle(jobs=4)
+    threads = [m["id"] for m in asked]  # each thread starts from the member's message
+    assert all(len(fake.channel_messages(t)) == N_TREE + 1 for t in threads)
+
+    async def purge(user, permissions=ADMIN_PERMISSIONS, **options) -> str:
+        token = await fake.slash_command(fake.general, user, "hnaas purge", permissions=permissions, **options)
+        await fake.wait_until(lambda: fake.followups(token) or (fake.interactions[token]["responses"] and fake
+                              .interactions[token]["responses"][0]["type"] == 4), what="a purge answer")
+        answer = (fake.followups(token) or [fake.interactions[token]["responses"][0]["data"]])[0]
+        assert answer["flags"] & EPHEMERAL
+        return answer["content"]
+
+    assert await purge(alice, MEMBER_PERMISSIONS, member=alice) == "Only members who can manage messages can purge."
+    assert await purge(mod) == NOTHING_CHOSEN
+    assert "30m, 2h, 3d or 1w" in await purge(mod, member=alice, since="last tuesday")
+    assert all(len(fake.channel_messages(t)) == N_TREE + 1 for t in threads)  # nothing happened so far
+
+    answer = await purge(mod, member=alice)
+    assert answer == f"Purged 2 requests ({2 * (N_TREE + 1)} messages deleted)."
+    assert [len(fake.channel_messages(t)) for t in threads] == [0, 0, N_TREE + 1, N_TREE + 1]
+    assert fake.channels[threads[0]].archived and fake.channels[threads[1]].archived
+
+    answer = await purge(mod, channel=fake.general, since="1h")  # bob's in #general; alice's there is gone already
+    assert answer == f"Purged 1 request ({N_TREE + 1} messages deleted)."
+    assert [len(fake.channel_messages(t)) for t in threads] == [0, 0, 0, N_TREE + 1]
+    assert await purge(mod, job_id=1) == "Nothing to purge: no HNaaS output matches that."
+    purges = [e for e in await harness.app.queue.audit_entries() if e.action == "purge"]
+    assert [e.details.get("requester_id") for e in purges] == [None, None, alice["id"]]  # newest first
+    assert purges[1].details["channel_id"] == fake.general and purges[1].actor == f"user:{mod['id']}"
 
 
 async def test_channel_without_permission_fails_the_job_and_the_bot_carries_on(harness, fake):
