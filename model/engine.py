@@ -355,7 +355,8 @@ class CachedGPT2:
         cpu = out.device.type == "cpu"
         if int8 and not (cpu and out.dtype == torch.float32 and int8_available()):
             raise ValueError("int8 matrices need an fp32 model on a CPU whose torch has torch._int_mm")
-        pack = _packing_rows(slots) if cpu and out.dtype in (torch.float32, torch.bfloat16) and not int8 else None
+        pack = (_packing_rows(slots, out.dtype) if cpu and out.dtype in (torch.float32, torch.bfloat16) and not int8
+                else None)
         single_row = cpu and out.dtype == torch.float32 and not int8
 
         def linear(conv: Any) -> _Linear:
@@ -1198,13 +1199,15 @@ def _cpu_vendor() -> str:
     return ""
 
 
-def _packing_rows(slots: int) -> int | None:
-    """The row count to pack CPU weights for (the decode batch), or None where this torch cannot pack them."""
+def _packing_rows(slots: int, dtype: torch.dtype = torch.float32) -> int | None:
+    """The row count to pack CPU weights of this dtype for (the decode batch), or None where this torch cannot pack
+    them: oneDNN packs bf16 only on CPUs with AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT, and refuses on AVX2-only ones
+    (AMD Zen 3), where bf16 then runs on F.linear."""
     try:
         op, pack = torch.ops.mkldnn._linear_pointwise, torch.ops.mkldnn._reorder_linear_weight
         if not torch.backends.mkldnn.is_available():
             return None
-        x, w = torch.ones(2, 4), torch.arange(12.0).view(3, 4)
+        x, w = torch.ones(2, 4, dtype=dtype), torch.arange(12.0, dtype=dtype).view(3, 4)
         if torch.equal(op(x, pack(w, 2), None, "none", [], ""), F.linear(x, w)):
             return max(1, slots)
     except (AttributeError, RuntimeError):

@@ -676,10 +676,10 @@ def test_forward_in_bfloat16_stays_close(tiny_path):
                          ids=["intel", "amd", "amd without a compiler"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_every_matrix_kernel_computes_the_same_product(dtype, mkl_one_row, row_kernel, monkeypatch):
-    """_Linear picks a kernel by row count (packed oneDNN weights; for one fp32 row MKL over [in, out] on Intel, and
-    on AMD the compiled row kernel for up to two rows, or weights packed for one row where it cannot be built;
-    F.linear elsewhere): each must give x @ W.T + b for every row count the engine uses, whichever choice this
-    machine would make."""
+    """_Linear picks a kernel by row count (packed oneDNN weights, bf16 only where oneDNN packs it; for one fp32 row
+    MKL over [in, out] on Intel, and on AMD the compiled row kernel for up to two rows, or weights packed for one row
+    where it cannot be built; F.linear elsewhere): each must give x @ W.T + b for every row count the engine uses,
+    whichever choice this machine would make."""
     from model import engine as engine_module
     from model import rowkernel
     from model.engine import _Linear, _packing_rows
@@ -689,9 +689,9 @@ def test_every_matrix_kernel_computes_the_same_product(dtype, mkl_one_row, row_k
         monkeypatch.setattr(rowkernel, "load", lambda: None)
     torch.manual_seed(0)
     weight, bias = torch.randn(96, 64).to(dtype), torch.randn(96).to(dtype)
-    variants = {"packed": _Linear(weight, bias, pack=_packing_rows(4), single_row=dtype == torch.float32),
+    variants = {"packed": _Linear(weight, bias, pack=_packing_rows(4, dtype), single_row=dtype == torch.float32),
                 "plain": _Linear(weight, bias, pack=None, single_row=False)}
-    if _packing_rows(4) is not None:
+    if _packing_rows(4, dtype) is not None:
         packed = variants["packed"]
         assert packed.packed is not None
         layouts = (packed.in_out is not None, packed.few_rows is not None, packed.packed_one_row is not None)
@@ -700,7 +700,7 @@ def test_every_matrix_kernel_computes_the_same_product(dtype, mkl_one_row, row_k
             assert layouts == (mkl_one_row, kernel, not mkl_one_row and not kernel)
         else:
             assert layouts == (False, False, False)
-    variants["no bias"] = _Linear(weight, None, pack=_packing_rows(4), single_row=dtype == torch.float32)
+    variants["no bias"] = _Linear(weight, None, pack=_packing_rows(4, dtype), single_row=dtype == torch.float32)
     tolerance = 1e-4 if dtype == torch.float32 else 0.1
     for rows in (1, 2, 3, 4, 7, 32):
         x, residual = torch.randn(rows, 64).to(dtype), torch.randn(rows, 96).to(dtype)
@@ -771,7 +771,7 @@ def test_loading_frees_the_checkpoint_matrices_it_does_not_read(tiny_path):
         kept = model.transformer.h[0].mlp.c_fc.weight.data_ptr()
         forward = CachedGPT2(model, slots=4, release=True)
         weight = model.transformer.h[0].mlp.c_fc.weight
-        if _packing_rows(4) is not None and dtype == torch.bfloat16:
+        if _packing_rows(4, dtype) is not None and dtype == torch.bfloat16:
             assert weight.numel() == 0  # packed: the checkpoint's copy is gone
         elif _packing_rows(4) is not None and mkl_reads_one_row_fastest():
             assert forward.layers[0][6].in_out.data_ptr() == kept  # read in place for one row, not copied

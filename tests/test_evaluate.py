@@ -138,9 +138,10 @@ def test_a_model_that_knows_the_text_costs_almost_nothing(tiny):
                                        "embd_pdrop": 0.0, "attn_pdrop": 0.0})
     torch.manual_seed(0)
     sharp = GPT2LMHeadModel(config)
-    opt = torch.optim.Adam(sharp.parameters(), lr=1e-2)
+    # 3e-3: at 1e-2 Adam oscillated on an AMD Zen 3 CPU (loss 0.09 -> 0.76 -> 0.24 after 500 steps) and never got there
+    opt = torch.optim.Adam(sharp.parameters(), lr=3e-3)
     x = torch.tensor([ids])
-    for _ in range(500):  # until it knows the text: how many steps that takes differs from one CPU to another
+    for _ in range(1000):  # until it knows the text: how many steps that takes differs from one CPU to another
         loss = torch.nn.functional.cross_entropy(sharp(input_ids=x).logits[0, :-1], x[0, 1:])
         if loss.item() < 0.002:
             break
