@@ -10,6 +10,7 @@ from pathlib import Path
 from bot.core import Core, Poster
 from bot.links import LinkResolver
 from bot.queue import Queue
+from bot.scheduler import Roundup
 from bot.settings import Settings
 from bot.worker import Worker
 
@@ -27,6 +28,8 @@ class App:
         self.core: Core | None = None
         self.worker: Worker | None = None
         self._worker_task: asyncio.Task | None = None
+        self.roundup: Roundup | None = None
+        self._roundup_task: asyncio.Task | None = None
 
     async def __aenter__(self) -> App:
         s = self.settings
@@ -53,7 +56,8 @@ class App:
         return self
 
     async def serve(self, *posters: Poster) -> None:
-        """Register the platforms' posters, finish what a previous run left, and start the worker."""
+        """Register the platforms' posters, finish what a previous run left, and start the worker and the daily
+        roundup."""
         assert self.core is not None and self.worker is not None
         for poster in posters:
             self.core.add_poster(poster)
@@ -61,6 +65,8 @@ class App:
             log.warning("job %s: was running when the last process stopped; %s", job.id, job.status)
         await self.core.recover()
         self._worker_task = asyncio.create_task(self.worker.run(), name="hnaas-worker")
+        self.roundup = self.core.roundup = Roundup(self.core, self.resolver, self.settings)
+        self._roundup_task = asyncio.create_task(self.roundup.run(), name="hnaas-roundup")
 
     async def idle(self) -> None:
         """Wait until no job is waiting, running or posting (the console uses this before it exits)."""
@@ -74,6 +80,10 @@ class App:
             await asyncio.sleep(0.1)
 
     async def __aexit__(self, *exc) -> None:
+        if self._roundup_task is not None:
+            self._roundup_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._roundup_task
         if self.worker is not None:
             self.worker.stop()
         if self._worker_task is not None:

@@ -16,14 +16,16 @@ from typing import TYPE_CHECKING, Protocol
 
 from bot import __version__
 from bot.errors import HnaasError, InputRejected, JobNotFound, PostError
-from bot.links import LinkResolver, extract_urls
+from bot.links import LinkResolver, ResolvedStory, extract_urls
 from bot.moderation import PurgeReport, PurgeScope
 from bot.queue import Job, NewJob, Queue
 from bot.render import RenderedMessage, RenderLimits, Story, render_comment, render_header, render_thread
+from bot.scheduler import REQUESTER as ROUNDUP_REQUESTER
 from bot.settings import Settings
 from model.tree import Comment, Path, Thread
 
 if TYPE_CHECKING:
+    from bot.scheduler import Roundup
     from bot.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -99,6 +101,7 @@ class Core:
         self.posters: dict[str, Poster] = dict(posters or {})
         self.model_name = model_name
         self.worker: Worker | None = None
+        self.roundup: Roundup | None = None  # attached by the app when it serves (bot.scheduler)
         self._tasks: set[asyncio.Task] = set()
         self._publishing: dict[int, asyncio.Lock] = {}  # one poster at a time per job, in call order
         self._streamed: set[int] = set()  # jobs whose header went out before their comment count was known
@@ -229,6 +232,17 @@ class Core:
             await self.queue.mark_purged(job.id)
         return len(posts)
 
+    async def queue_roundup(self, platform: str, channel_id: str, guild_id: str | None, scope: str, marker: str,
+                            day: str, stories: list[ResolvedStory]) -> list[Job]:
+        """Queue one roundup (``bot.scheduler``) in a channel: a job per story, each its own thread there, written
+        together with the channel's ``marker`` = ``day`` (none if the channel already has that day's)."""
+        request = Request(Origin(platform, channel_id, guild_id=guild_id), ROUNDUP_REQUESTER, "", command=True)
+        jobs = await self.queue.enqueue_once(scope, marker, day, [
+            self._new_job(request, story.url or story.title, title=story.title, url=story.url) for story in stories])
+        if jobs and self.worker is not None:
+            self.worker.wake()
+        return jobs
+
     async def option(self, scope: str, name: str, default=None):
         return await self.queue.option(scope, name, default)
 
@@ -328,7 +342,7 @@ class Core:
 
     async def _notify(self, job: Job, event: str, text: str) -> None:
         poster = self.posters.get(job.platform)
-        if poster is None:
+        if poster is None or job.requester_id == ROUNDUP_REQUESTER:  # no member to tell
             return
         try:
             await poster.notify(job, event, text)

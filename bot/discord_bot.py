@@ -34,6 +34,7 @@ import aiohttp
 import discord
 from discord import app_commands
 
+from bot import scheduler
 from bot.core import Origin, Posted, Request
 from bot.errors import HnaasError, PostError
 from bot.moderation import PurgeScope
@@ -630,12 +631,9 @@ class HnaasCommands(app_commands.Group):
     @app_commands.describe(mode="on: answer every link posted in this channel; off: only when mentioned")
     async def links(self, interaction: discord.Interaction, mode: Literal["on", "off"]) -> None:
         """Turn automatic answers to pasted links on or off in this channel (needs Manage Channels)."""
-        if not interaction.permissions.manage_channels:
-            await interaction.response.send_message("Only members who can manage this channel can change that.",
-                                                    ephemeral=True)
+        channel_id = await _managed_channel(interaction)
+        if channel_id is None:
             return
-        channel = interaction.channel
-        channel_id = str(channel.parent_id if isinstance(channel, discord.Thread) else interaction.channel_id)
         await self.bot.set_links(channel_id, mode == "on", str(interaction.user.id))
         text = ("I'll answer links posted in this channel." if mode == "on"
                 else "I'll only answer in this channel when mentioned or asked with /hnaas generate.")
@@ -643,6 +641,27 @@ class HnaasCommands(app_commands.Group):
             text += " (I can't read message content here, so mention me with the link.)"
         await interaction.response.send_message(text, ephemeral=True)
 
+    @app_commands.command(name="roundup")
+    @app_commands.describe(mode="on: post discussions of the HN front page here every day; off: stop")
+    async def roundup(self, interaction: discord.Interaction, mode: Literal["on", "off"]) -> None:
+        """A daily roundup here: the top Hacker News stories, each discussed in a thread (needs Manage Channels)."""
+        channel_id = await _managed_channel(interaction)
+        if channel_id is None:
+            return
+        settings = self.bot.settings
+        value = {"guild_id": str(interaction.guild_id)} if mode == "on" else None
+        await self.bot.core.set_option(f"{PLATFORM}:channel:{channel_id}", scheduler.SUBSCRIPTION, value,
+                                       actor=f"{PLATFORM}:{interaction.user.id}")
+        if mode == "off":
+            text = "No more daily roundups here."
+        elif settings.roundup_stories <= 0:
+            text = "Noted, but the daily roundup is turned off on this bot (HNAAS_ROUNDUP_STORIES=0)."
+        else:
+            text = (f"Every day at {settings.roundup_time} UTC I'll post discussions of the top "
+                    f"{settings.roundup_stories} Hacker News stories here, one thread each.")
+        await interaction.response.send_message(text, ephemeral=True)
+        if mode == "on" and self.bot.core.roundup is not None:
+            await self.bot.core.roundup.run_due()  # past today's time already: today's comes now, not tomorrow
 
     @app_commands.command(name="purge")
     @app_commands.describe(
@@ -674,6 +693,17 @@ class HnaasCommands(app_commands.Group):
             await self.bot.answer(interaction, _user_text(exc, f"purging {scope}"))
             return
         await interaction.followup.send(report.summary(), ephemeral=True)
+
+
+async def _managed_channel(interaction: discord.Interaction) -> str | None:
+    """The channel a channel setting is for (a thread's parent), or None once a member without Manage Channels has
+    been told they can't change it."""
+    if not interaction.permissions.manage_channels:
+        await interaction.response.send_message("Only members who can manage this channel can change that.",
+                                                ephemeral=True)
+        return None
+    channel = interaction.channel
+    return str(channel.parent_id if isinstance(channel, discord.Thread) else interaction.channel_id)
 
 
 def format_status(status: dict[str, Any]) -> str:

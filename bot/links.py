@@ -414,6 +414,10 @@ def _failure_reason(exc: BaseException) -> str:
     return "connection failed"
 
 
+# What reading the HN API can raise besides _FetchFailed (an HTTP error status or a missing story)
+_HN_API_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, _AddressRefused, LinkError)
+
+
 class LinkResolver:
     """Owns one aiohttp session that only ever connects to addresses it checked. Use `async with` or start/close."""
 
@@ -596,14 +600,7 @@ class LinkResolver:
             item = await asyncio.wait_for(self._hn_story(item_id), self.timeout)
         except _FetchFailed as exc:
             return ResolvedStory(fallback, str(link), "url", exc.note)
-        except (
-            aiohttp.ClientError,
-            asyncio.TimeoutError,
-            OSError,
-            ValueError,
-            _AddressRefused,
-            LinkError,
-        ) as exc:
+        except _HN_API_ERRORS as exc:
             log.warning("HN API failed for item %s: %r", item_id, exc)
             refused = isinstance(exc, LinkError) or _refusal(exc) is not None
             reason = "address refused" if refused else _failure_reason(exc)
@@ -613,6 +610,34 @@ class LinkResolver:
         if not (isinstance(story_url, str) and _is_http_url(story_url)):
             story_url = None
         return ResolvedStory(clean_title(str(item["title"])), story_url, "hn")
+
+    async def front_page(self, count: int) -> list[ResolvedStory]:
+        """The first ``count`` stories of the HN front page (``topstories``), in page order; dead, deleted and
+        untitled items are skipped, and so is an item that cannot be read. Raises ``LinkError`` when the list itself
+        cannot be read."""
+        try:
+            ids = await asyncio.wait_for(self._get_json(f"{self.hn_api_base}/topstories.json"), self.timeout)
+        except (_FetchFailed, *_HN_API_ERRORS) as exc:
+            raise LinkError("Couldn't read the Hacker News front page.", f"topstories: {exc!r}") from exc
+        if not isinstance(ids, list):
+            raise LinkError("Couldn't read the Hacker News front page.", f"topstories: {ids!r:.80}")
+        stories: list[ResolvedStory] = []
+        for item_id in ids[: 3 * count]:  # room for a few dead or unreadable ones, not the whole page
+            if len(stories) == count:
+                break
+            try:
+                item = await asyncio.wait_for(self._get_json(f"{self.hn_api_base}/item/{int(item_id)}.json"),
+                                              self.timeout)
+            except (_FetchFailed, TypeError, *_HN_API_ERRORS) as exc:
+                log.warning("front page: item %r unreadable: %r", item_id, exc)
+                continue
+            if not isinstance(item, dict) or item.get("dead") or item.get("deleted"):
+                continue
+            title = item.get("title")
+            if isinstance(title, str) and title.strip():
+                url = item.get("url") if isinstance(item.get("url"), str) and _is_http_url(item["url"]) else None
+                stories.append(ResolvedStory(clean_title(title), url, "hn"))
+        return stories
 
     async def _hn_story(self, item_id: int) -> dict[str, Any]:
         """The story an item belongs to, following comments up to their story."""

@@ -266,6 +266,7 @@ RETURNING *
 INSERT_AUDIT = "INSERT INTO audit_log (at, actor, action, target, details) VALUES (?, ?, ?, ?, ?)"
 SELECT_AUDIT = "SELECT * FROM audit_log ORDER BY id DESC LIMIT ?"
 SELECT_OPTION = "SELECT value FROM options WHERE scope = ? AND name = ?"
+SELECT_SCOPES_WITH = "SELECT scope, value FROM options WHERE name = ? AND value != 'null' ORDER BY scope"
 UPSERT_OPTION = """
     INSERT INTO options (scope, name, value, updated_at) VALUES (?, ?, ?, ?)
     ON CONFLICT (scope, name) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at
@@ -484,11 +485,7 @@ class Queue:
                 (total,) = await cursor.fetchone()
             if total >= self.max_queued_total:
                 raise QueueFull(QUEUE_FULL.format(n=total), f"{total} unfinished jobs")
-            status = JobStatus.QUEUED if new.title else JobStatus.RESOLVING
-            params = {f.name: getattr(new, f.name) for f in fields(NewJob)}
-            params.update(status=status.value, now=now)
-            async with db.execute(INSERT_JOB, params) as cursor:
-                return _job(await cursor.fetchone())
+            return await _insert_job(db, new, now)
 
     async def set_resolved(self, job_id: int, title: str, url: str | None = None,
                            note: str | None = None) -> Job | None:
@@ -758,9 +755,36 @@ class Queue:
         async with self._write() as db:
             await db.execute(UPSERT_OPTION, (scope, name, json.dumps(value), self._clock()))
 
+    async def scopes_with(self, name: str) -> list[tuple[str, Any]]:
+        """(scope, value) of every scope whose option ``name`` is set to something other than null."""
+        return [(row["scope"], json.loads(row["value"])) for row in await self._read(SELECT_SCOPES_WITH, (name,))]
+
+    async def enqueue_once(self, scope: str, marker: str, value: Any, jobs: Iterable[NewJob]) -> list[Job]:
+        """Jobs the bot asks for itself (the daily roundup), at most once per ``value`` of the option ``marker``:
+        the marker and the jobs are written in one transaction, so a restart neither repeats nor loses them. [] when
+        ``marker`` already holds ``value``. The requester caps do not apply (no member asked)."""
+        now = self._clock()
+        encoded = json.dumps(value)
+        async with self._write() as db:
+            async with db.execute(SELECT_OPTION, (scope, marker)) as cursor:
+                row = await cursor.fetchone()
+            if row is not None and row["value"] == encoded:
+                return []
+            added = [await _insert_job(db, new, now) for new in jobs]
+            await db.execute(UPSERT_OPTION, (scope, marker, encoded, now))
+        return added
+
     async def audit_entries(self, limit: int = 50) -> list[AuditEntry]:
         """Newest first."""
         return [_audit_entry(row) for row in await self._read(SELECT_AUDIT, (limit,))]
+
+
+async def _insert_job(db: aiosqlite.Connection, new: NewJob, now: float) -> Job:
+    status = JobStatus.QUEUED if new.title else JobStatus.RESOLVING
+    params = {f.name: getattr(new, f.name) for f in fields(NewJob)}
+    params.update(status=status.value, now=now)
+    async with db.execute(INSERT_JOB, params) as cursor:
+        return _job(await cursor.fetchone())
 
 
 def read_audit(path: str | os.PathLike[str], limit: int = 50) -> list[AuditEntry]:

@@ -65,6 +65,10 @@ class Settings:
     fetch_timeout: float = 8.0
     fetch_max_bytes: int = 512_000
 
+    # The daily roundup: discussions of the HN front page, posted in every channel that asked (/hnaas roundup on)
+    roundup_time: str = "08:00"  # HH:MM, UTC (no daylight-saving jumps: never twice, never skipped)
+    roundup_stories: int = 5  # top stories per roundup; 0 turns the roundup off
+
     # Platforms
     discord_api_base: str = "https://discord.com/api/v10"
     discord_message_content: bool = True  # privileged intent; off: the bot answers only messages that mention it
@@ -73,6 +77,11 @@ class Settings:
     slack_bot_token: str | None = _secret()
     slack_app_token: str | None = _secret()
     slack_signing_secret: str | None = _secret()
+
+    def __post_init__(self) -> None:
+        roundup_clock(self.roundup_time)  # a typo here should stop the start, not the first roundup
+        if self.roundup_stories < 0:
+            raise ValueError(f"roundup_stories must be 0 (off) or more, not {self.roundup_stories}")
 
     def replace(self, **changes) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -105,6 +114,14 @@ class Settings:
             if name in env and env[name] != "":
                 values[f.name] = _parse(f, env[name], name)
         return cls(**values)  # type: ignore[arg-type]
+
+
+def roundup_clock(text: str) -> tuple[int, int]:
+    """"HH:MM" (UTC) as (hours, minutes); ValueError with the expected form otherwise."""
+    hours, sep, minutes = text.strip().partition(":")
+    if sep and hours.isdigit() and minutes.isdigit() and len(minutes) == 2 and int(hours) < 24 and int(minutes) < 60:
+        return int(hours), int(minutes)
+    raise ValueError(f"roundup_time must be HH:MM in UTC (e.g. 08:00), not {text!r}")
 
 
 def _parse(f: dataclasses.Field, raw: str, name: str) -> object:

@@ -44,6 +44,7 @@ from tests.fake_discord import (
     FakeDiscord,
     pointed_at,
 )
+from tests.fake_hn import FakeHN
 
 TREE = [
     Comment("First top-level comment.", [
@@ -114,7 +115,7 @@ class Harness:
     async def crash(self) -> None:
         """Everything in flight is cancelled where it stands; nothing is flushed or marked."""
         app = self.app
-        tasks = [*app.worker._tasks, *app.core._tasks, app._worker_task]
+        tasks = [*app.worker._tasks, *app.core._tasks, app._worker_task, app._roundup_task]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -507,6 +508,36 @@ async def test_moderators_purge_a_members_threads_and_a_channels(harness, fake):
     purges = [e for e in await harness.app.queue.audit_entries() if e.action == "purge"]
     assert [e.details.get("requester_id") for e in purges] == [None, None, alice["id"]]  # newest first
     assert purges[1].details["channel_id"] == fake.general and purges[1].actor == f"user:{mod['id']}"
+
+
+async def test_a_channel_subscribes_to_the_daily_roundup_and_gets_todays_at_once(harness, fake):
+    front_page = {7: {"id": 7, "type": "story", "title": "Top story", "url": "https://top.example/"},
+                  8: {"id": 8, "type": "story", "title": "Second story", "url": "https://second.example/"},
+                  9: {"id": 9, "type": "story", "title": "Third story", "url": "https://third.example/"}}
+    async with FakeHN(front_page, topstories=[7, 8, 9]) as hn:
+        # due from 00:00 UTC: whenever this runs, today's roundup is due
+        harness.settings = harness.settings.replace(hn_api_base=hn.base_url, roundup_stories=2, roundup_time="00:00")
+        await harness.start()
+        alice, admin = fake.user(name="alice"), fake.user(name="admin")
+        token = await fake.slash_command(fake.general, alice, "hnaas roundup", mode="on")
+        assert (await answered(fake, token))["data"]["content"].startswith("Only members who can manage")
+        token = await fake.slash_command(fake.general, admin, "hnaas roundup", mode="on", permissions=ADMIN_PERMISSIONS)
+        answer = (await answered(fake, token))["data"]
+        assert answer["flags"] == EPHEMERAL and "Every day at 00:00 UTC" in answer["content"]
+        await harness.settle(jobs=2)
+        headers = [m for m in fake.channel_messages(fake.general) if m["id"] in fake.channels]  # each starts a thread
+        assert ["Top story" in h["content"] for h in headers] == [True, False]
+        assert ["Second story" in h["content"] for h in headers] == [False, True]
+        for header in headers:
+            assert len(fake.channel_messages(header["id"])) == N_TREE
+        assert not fake.calls("POST", "/users/@me/channels")  # no one asked, so no one is told
+        await harness.app.roundup.run_due()
+        assert len(await harness.app.queue.list_jobs()) == 2  # today's is done
+
+        token = await fake.slash_command(fake.general, admin, "hnaas roundup", mode="off", permissions=ADMIN_PERMISSIONS)
+        assert (await answered(fake, token))["data"]["content"] == "No more daily roundups here."
+        assert await harness.app.queue.scopes_with("roundup") == []
+        await harness.stop()
 
 
 async def test_channel_without_permission_fails_the_job_and_the_bot_carries_on(harness, fake):
