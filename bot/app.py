@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from bot.core import Core, Poster
+from bot.errors import PlatformRefused
 from bot.links import LinkResolver
 from bot.queue import Queue
 from bot.scheduler import Roundup
@@ -15,6 +18,52 @@ from bot.settings import Settings
 from bot.worker import Worker
 
 log = logging.getLogger(__name__)
+
+
+class Connection(Protocol):
+    """One platform's side of ``hnaas run`` (``DiscordConnection``, ``SlackBot``)."""
+
+    poster: Poster
+
+    async def connect(self) -> None:
+        """Log in and start receiving events; raises ``PlatformRefused`` with what the operator must fix."""
+
+    async def wait_closed(self) -> None:
+        """Return (or raise) when the connection ends for good."""
+
+    async def close(self) -> None: ...
+
+
+async def serve_platforms(settings: Settings, connections: list[Callable[[Core, Settings], Connection]], *,
+                          engine=None) -> int:
+    """``hnaas run``: open the app, connect every platform, then start the worker; serve until one platform's
+    connection ends (or the task is cancelled). The worker starts (and interrupted threads resume) only once every
+    platform is connected, so each post has a logged-in client to go through. 2 when a platform refused."""
+    async with App(settings, engine=engine) as app:
+        assert app.core is not None
+        opened: list[Connection] = []
+        try:
+            for make in connections:
+                connection = make(app.core, settings)
+                opened.append(connection)
+                await connection.connect()
+            await app.serve(*(c.poster for c in opened))
+            waits = [asyncio.create_task(c.wait_closed()) for c in opened]
+            try:
+                done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in waits:
+                    task.cancel()
+            for task in done:
+                task.result()
+        except PlatformRefused as exc:
+            log.error("%s", exc.user_message)
+            return 2
+        finally:
+            for connection in reversed(opened):
+                with contextlib.suppress(Exception):
+                    await connection.close()
+    return 0
 
 
 class App:

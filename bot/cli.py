@@ -17,13 +17,12 @@ MISSING_MODEL = """No model at {path}.
 The embedded default model lives in model/default/ of the HNaaS repository; reinstall from a full clone, or
 point --model / HNAAS_MODEL at a Hugging Face GPT-2 checkpoint directory (see `hnaas train` and `hnaas export`)."""
 
-SLACK_NOT_SERVED = ("Slack credentials are set, but this version of HNaaS serves Discord only (the Slack adapter is "
-                    "not built yet): they are ignored.")
-
 NO_PLATFORM = """No platform is configured, so there is nothing for `hnaas run` to connect to.
   Discord: set DISCORD_TOKEN (Developer Portal → your application → Bot → Reset Token; enable the Message Content
            intent there too). `hnaas discord invite` prints the URL that adds the bot to a server.
-  Slack:   not served by this version yet (the adapter is not built).
+  Slack:   set SLACK_BOT_TOKEN (xoxb-...) and either SLACK_APP_TOKEN (xapp-..., Socket Mode: no public URL) or
+           SLACK_SIGNING_SECRET (HTTP mode: events arrive at http://HOST:HNAAS_SLACK_PORT/slack/events).
+           `hnaas slack manifest` prints the app manifest to create the app with.
 To try HNaaS without any account, run `hnaas chat`: a terminal channel with the same bot."""
 
 
@@ -60,19 +59,27 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    platforms = []
+    connections = []
     if settings.discord_token:
-        platforms.append("discord")
+        from bot.discord_bot import DiscordConnection
+
+        connections.append(DiscordConnection)
     if settings.slack_bot_token or settings.slack_app_token or settings.slack_signing_secret:
-        print(SLACK_NOT_SERVED, file=sys.stderr)  # said, not silently dropped: they may be all the user set
-    if not platforms:
+        from bot.slack_bot import SlackBot, settings_problem
+
+        problem = settings_problem(settings)
+        if problem:
+            print(f"Slack: {problem}.", file=sys.stderr)
+            return 2
+        connections.append(SlackBot)
+    if not connections:
         print(NO_PLATFORM, file=sys.stderr)
         return 2
     if not _model_ok(settings):
         return 2
-    from bot.discord_bot import run_discord
+    from bot.app import serve_platforms
 
-    return asyncio.run(run_discord(settings))
+    return asyncio.run(serve_platforms(settings, connections))
 
 
 # -- one thread -------------------------------------------------------------------------------------------------
@@ -211,9 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
             module.add_arguments(p)
             p.set_defaults(func=module.main)
 
-    discord_bot = _optional("bot.discord_bot")
-    if discord_bot is not None and hasattr(discord_bot, "register_cli"):
-        discord_bot.register_cli(commands)
+    for module_name in ("bot.discord_bot", "bot.slack_bot"):
+        module = _optional(module_name)
+        if module is not None:
+            module.register_cli(commands)
     return parser
 
 

@@ -36,9 +36,9 @@ from discord import app_commands
 
 from bot import scheduler
 from bot.core import Origin, Posted, Request
-from bot.errors import HnaasError, PostError
+from bot.errors import HnaasError, PlatformRefused, PostError
 from bot.moderation import PurgeScope
-from bot.render import RenderLimits, neutralise_mentions
+from bot.render import RenderLimits, format_status, neutralise_mentions
 
 if TYPE_CHECKING:
     from bot.core import Core
@@ -706,51 +706,58 @@ async def _managed_channel(interaction: discord.Interaction) -> str | None:
     return str(channel.parent_id if isinstance(channel, discord.Thread) else interaction.channel_id)
 
 
-def format_status(status: dict[str, Any]) -> str:
-    names = {"queue_length": "Waiting", "running": "Writing now", "model": "Model", "version": "Version"}
-    return "\n".join(f"{label}: {status[key]}" for key, label in names.items() if status.get(key) not in (None, ""))
-
 
 # --- running ---------------------------------------------------------------------------------------------------
 
 
+class DiscordConnection:
+    """Discord's side of ``hnaas run`` (``bot.app.serve_platforms``): the client logged in and ready."""
+
+    def __init__(self, core: Core, settings: Settings) -> None:
+        # discord.py keeps its API base in a class attribute: a process-wide setting, so it is set here, before the
+        # client exists. AutoShardedClient then finds the gateway through GET /gateway/bot on that base.
+        discord.http.Route.BASE = settings.discord_api_base.rstrip("/")
+        self.settings = settings
+        self.bot = HnaasBot(core, settings)
+        self.poster = self.bot.poster
+        self._client: asyncio.Task | None = None
+
+    async def connect(self) -> None:
+        if not self.settings.discord_token:
+            raise PlatformRefused("DISCORD_TOKEN is not set")
+        await self.bot.__aenter__()
+        self._client = asyncio.create_task(self.bot.start(self.settings.discord_token), name="discord-client")
+        ready = asyncio.create_task(self.bot.wait_until_ready())
+        await asyncio.wait({self._client, ready}, return_when=asyncio.FIRST_COMPLETED)
+        if not self._client.done():
+            log.info("Discord: connected as %s; invite: %s", self.bot.user, invite_url(self.bot.application_id or 0))
+            return
+        ready.cancel()  # it stopped before it was ready: a bad token, a missing intent...
+        try:
+            self._client.result()
+        except discord.LoginFailure:
+            raise PlatformRefused("Discord refused the token: check DISCORD_TOKEN") from None
+        except discord.PrivilegedIntentsRequired:
+            raise PlatformRefused("Enable the Message Content intent for the bot in the Developer Portal, or set "
+                                  "HNAAS_DISCORD_MESSAGE_CONTENT=false (then members mention the bot)") from None
+        raise PlatformRefused("The Discord client stopped before it was ready")
+
+    async def wait_closed(self) -> None:
+        assert self._client is not None
+        await self._client
+
+    async def close(self) -> None:
+        await self.bot.close()
+        if self._client is not None:
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(self._client, 5)
+
+
 async def run_discord(settings: Settings, *, engine: Any = None) -> int:
-    """``hnaas run`` for Discord: open the app (queue, engine, core, worker), connect, then start working.
+    """``hnaas run`` with Discord alone."""
+    from bot.app import serve_platforms
 
-    The worker starts (and interrupted threads resume) only once the client is ready, so every post has a
-    logged-in client to go through.
-    """
-    from bot.app import App
-
-    if not settings.discord_token:
-        log.error("DISCORD_TOKEN is not set")
-        return 2
-    # discord.py keeps its API base in a class attribute: a process-wide setting, so it is set here, at the top.
-    # AutoShardedClient then finds the gateway through GET /gateway/bot on that base.
-    discord.http.Route.BASE = settings.discord_api_base.rstrip("/")
-    async with App(settings, engine=engine) as app:
-        assert app.core is not None
-        bot = HnaasBot(app.core, settings)
-        async with bot:
-            client = asyncio.create_task(bot.start(settings.discord_token), name="discord-client")
-            ready = asyncio.create_task(bot.wait_until_ready())
-            await asyncio.wait({client, ready}, return_when=asyncio.FIRST_COMPLETED)
-            if client.done():  # it stopped before it was ready: a bad token, a missing intent...
-                ready.cancel()
-                try:
-                    client.result()
-                except discord.LoginFailure:
-                    log.error("Discord refused the token: check DISCORD_TOKEN")
-                    return 2
-                except discord.PrivilegedIntentsRequired:
-                    log.error("Enable the Message Content intent for the bot in the Developer Portal, "
-                              "or set HNAAS_DISCORD_MESSAGE_CONTENT=false (then members mention the bot)")
-                    return 2
-                return 1
-            await app.serve(bot.poster)
-            log.info("Discord: connected as %s; invite: %s", bot.user, invite_url(bot.application_id or 0))
-            await client
-    return 0
+    return await serve_platforms(settings, [DiscordConnection], engine=engine)
 
 
 # --- command line --------------------------------------------------------------------------------------------

@@ -41,3 +41,8 @@ class PostError(HnaasError):
 
 class InputRejected(HnaasError):
     """The request itself can't become a job (too long, empty...)."""
+
+
+class PlatformRefused(HnaasError):
+    """A platform would not let the bot connect (a bad token, a missing intent or setting): the operator's message
+    says what to fix."""

@@ -150,10 +150,25 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # after a crash continues from it instead of generating again (which need not give the same comments).
         "ALTER TABLE jobs ADD COLUMN progress TEXT",
     ),
+    (
+        # Platform deliveries already handled (Slack redelivers an event it thinks was missed, and sends a mention
+        # as two events): the key is claimed once, so the same message never becomes two requests.
+        """
+        CREATE TABLE deliveries (
+            key TEXT PRIMARY KEY,
+            at REAL NOT NULL
+        )
+        """,
+        "CREATE INDEX deliveries_at ON deliveries (at)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # --- statements ----------------------------------------------------------------------------------------------
+
+CLAIM_DELIVERY = "INSERT OR IGNORE INTO deliveries (key, at) VALUES (?, ?)"
+DELETE_OLD_DELIVERIES = "DELETE FROM deliveries WHERE at < ?"
+DELIVERY_KEEP_SECONDS = 86_400.0
 
 PRAGMA_BUSY_TIMEOUT = f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}"
 PRAGMA_WAL = "PRAGMA journal_mode = wal"
@@ -773,6 +788,15 @@ class Queue:
             added = [await _insert_job(db, new, now) for new in jobs]
             await db.execute(UPSERT_OPTION, (scope, marker, encoded, now))
         return added
+
+    async def first_delivery(self, key: str, *, keep_seconds: float = DELIVERY_KEEP_SECONDS) -> bool:
+        """Claim a platform delivery (an event, a message): True the first time ``key`` is seen, False for a repeat.
+        Claims older than ``keep_seconds`` are forgotten (platforms stop redelivering after minutes)."""
+        now = self._clock()
+        async with self._write() as db:
+            await db.execute(DELETE_OLD_DELIVERIES, (now - keep_seconds,))
+            async with db.execute(CLAIM_DELIVERY, (key, now)) as cursor:
+                return cursor.rowcount == 1
 
     async def audit_entries(self, limit: int = 50) -> list[AuditEntry]:
         """Newest first."""

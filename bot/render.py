@@ -122,6 +122,10 @@ def neutralise_mentions(text: str) -> str:
 
 
 def _safe(text: str, markup: str) -> str:
+    if markup == "mrkdwn":
+        # Slack reads <...> as links and mentions (<!channel>, <@U123>) and & as an entity: escaped, generated text
+        # can only ever be text.
+        text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
     text = neutralise_mentions(text)
     if markup == "markdown":
         # A generated line starting with "#" would become a giant Discord heading.
@@ -146,7 +150,7 @@ def header_text(story: Story, comment_count: int | None, limits: RenderLimits) -
     label = {"markdown": f"-# 🤖 {AI_LABEL}", "mrkdwn": f"_🤖 {AI_LABEL}_"}.get(limits.markup, f"[{AI_LABEL}]")
     lines = [headline, counts]
     if story.url:
-        lines.append(f"<{story.url}>" if limits.markup == "markdown" else story.url)
+        lines.append({"markdown": f"<{story.url}>", "mrkdwn": _safe(story.url, "mrkdwn")}.get(limits.markup, story.url))
     lines.append(label)
     if story.note:
         note = _safe(story.note, limits.markup)
@@ -225,3 +229,9 @@ def split_text(text: str, first: int, rest: int | None = None) -> list[str]:
 
 def _fit(text: str, max_chars: int) -> str:
     return text if len(text) <= max_chars else text[: max_chars - 1] + "…"
+
+
+def format_status(status: dict) -> str:
+    """``Core.status`` as the lines a member reads."""
+    names = {"queue_length": "Waiting", "running": "Writing now", "model": "Model", "version": "Version"}
+    return "\n".join(f"{label}: {status[key]}" for key, label in names.items() if status.get(key) not in (None, ""))

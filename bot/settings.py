@@ -73,6 +73,8 @@ class Settings:
     discord_api_base: str = "https://discord.com/api/v10"
     discord_message_content: bool = True  # privileged intent; off: the bot answers only messages that mention it
     slack_api_base: str = "https://slack.com/api/"
+    slack_host: str = "0.0.0.0"  # HTTP mode (no SLACK_APP_TOKEN): where Slack's event requests are received
+    slack_port: int = 3000
     discord_token: str | None = _secret()
     slack_bot_token: str | None = _secret()
     slack_app_token: str | None = _secret()

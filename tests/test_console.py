@@ -83,10 +83,14 @@ def test_missing_model_and_missing_platforms_say_what_to_do(tmp_path, capsys, mo
     assert main(["run"]) == 2
     err = capsys.readouterr().err
     assert "DISCORD_TOKEN" in err and "hnaas chat" in err and "ignored" not in err
-    # Slack credentials alone: still nothing to serve, and the user is told why they are not used
-    monkeypatch.setenv("SLACK_BOT_TOKEN", "xoxb-1")
+    assert "SLACK_BOT_TOKEN" in err and "SLACK_APP_TOKEN" in err
+    # half of Slack's credentials: the user is told which one is missing, before anything loads
     monkeypatch.setenv("SLACK_APP_TOKEN", "xapp-1")
     assert main(["run"]) == 2
     err = capsys.readouterr().err
-    assert "Discord only" in err and "ignored" in err and "DISCORD_TOKEN" in err
-    assert "xoxb-1" not in err and "xapp-1" not in err
+    assert "SLACK_BOT_TOKEN is not set" in err and "xapp-1" not in err
+    monkeypatch.delenv("SLACK_APP_TOKEN")
+    monkeypatch.setenv("SLACK_BOT_TOKEN", "xoxb-1")
+    assert main(["run"]) == 2
+    err = capsys.readouterr().err
+    assert "Set SLACK_APP_TOKEN" in err and "SLACK_SIGNING_SECRET" in err and "xoxb-1" not in err
