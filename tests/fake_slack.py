@@ -167,6 +167,12 @@ class FakeSlack:
             "actions": [{"action_id": action_id, "block_id": "b", "value": value, "type": "button",
                          "action_ts": str(time.time())}]})
 
+    async def refresh_connection(self) -> None:
+        """What Slack does every few hours: ask the client to reconnect, then drop the socket."""
+        ws = self._ws
+        await ws.send_json({"type": "disconnect", "reason": "refresh_requested"})
+        await ws.close()
+
     # -- the Web API --
 
     async def _api(self, request: web.Request) -> web.Response:

@@ -374,3 +374,13 @@ async def test_streamed_comments_arrive_in_the_thread_and_the_header_gets_its_co
     [(channel, ts, text)] = fake.updated
     assert (channel, ts) == ("C1", header["ts"]) and text == expected_texts(job)[0]
     assert f"| {len(replies)} comments" in header["text"]
+
+
+async def test_socket_mode_reconnects_when_slack_refreshes_the_connection(harness, fake):
+    await harness.start()
+    assert fake.socket_connections == 1
+    await fake.refresh_connection()
+    await fake.wait_until(lambda: fake.socket_connections >= 2, what="a new Socket Mode connection")
+    assert "request #1" in await fake.command("After the refresh")
+    await harness.settle()
+    assert fake.calls.count("apps.connections.open") >= 2 and len(fake.headers("C1")) == 1
