@@ -75,6 +75,7 @@ class Settings:
     slack_api_base: str = "https://slack.com/api/"
     slack_host: str = "0.0.0.0"  # HTTP mode (no SLACK_APP_TOKEN): where Slack's event requests are received
     slack_port: int = 3000
+    slack_post_interval: float = 1.0  # seconds between the bot's posts in one Slack channel (Slack allows ~1/s)
     discord_token: str | None = _secret()
     slack_bot_token: str | None = _secret()
     slack_app_token: str | None = _secret()

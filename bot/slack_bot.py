@@ -140,6 +140,24 @@ def _user_text(exc: BaseException, doing: str) -> str:
 # --- the poster ----------------------------------------------------------------------------------------------
 
 
+class ChannelPacer:
+    """Spaces the bot's posts in each channel ``interval`` seconds apart. chat.postMessage allows about one message
+    a second per channel: a roundup streams several threads into one channel at once, and without pacing most of
+    its posts would come back 429 and wait out Retry-After penalties (or fail). Other channels are not held up."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._next: dict[str, float] = {}  # channel -> the earliest time its next post may go
+
+    async def wait(self, channel: str) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        at = max(now, self._next.get(channel, 0.0))
+        self._next[channel] = at + self.interval  # reserved before sleeping: callers queue in call order
+        if at > now:
+            await asyncio.sleep(at - now)
+
+
 class SlackPoster:
     """Posts rendered messages for the core. Generated text reaches Slack escaped (``bot.render``), so it can
     never mention anyone or form a link."""
@@ -147,14 +165,16 @@ class SlackPoster:
     platform = PLATFORM
     limits = SLACK
 
-    def __init__(self, client: AsyncWebClient) -> None:
+    def __init__(self, client: AsyncWebClient, *, post_interval: float = 1.0) -> None:
         self.client = client
+        self.pacer = ChannelPacer(post_interval)
 
     async def post(self, job: Job, message: RenderedMessage, *, thread_ref: str | None,
                    reply_to: str | None) -> Posted:
         header = message.parent_key is None
         # The header opens the story's thread, unless the request was made inside a thread (threads don't nest).
         thread_ts = job.thread_id if header else (thread_ref or job.thread_id)
+        await self.pacer.wait(job.channel_id)
         try:
             response = await self.client.chat_postMessage(
                 channel=job.channel_id, thread_ts=thread_ts, text=message.text,
@@ -247,7 +267,7 @@ class SlackBot:
         self.core = core
         self.settings = settings
         self.client = client or web_client(settings)
-        self.poster = SlackPoster(self.client)
+        self.poster = SlackPoster(self.client, post_interval=settings.slack_post_interval)
         socket_mode = bool(settings.slack_app_token)
         self.app = AsyncApp(client=self.client, signing_secret=settings.slack_signing_secret or "",
                             request_verification_enabled=not socket_mode,  # Socket Mode frames are not signed

@@ -35,6 +35,7 @@ class FakeSlack:
     def __init__(self, *, admins: set[str] = frozenset()) -> None:
         self.admins = set(admins)
         self.messages: dict[str, list[dict[str, Any]]] = defaultdict(list)  # channel -> the bot's live messages
+        self.post_times: dict[str, list[float]] = defaultdict(list)  # channel -> when each post arrived
         self.deleted: list[tuple[str, str]] = []
         self.updated: list[tuple[str, str, str]] = []  # (channel, ts, new text)
         self.ephemeral: list[dict[str, Any]] = []
@@ -209,6 +210,7 @@ class FakeSlack:
                    "thread_ts": args.get("thread_ts"), "unfurl_links": args.get("unfurl_links"),
                    "blocks": json.loads(blocks) if isinstance(blocks, str) else blocks}
         self.messages[args["channel"]].append(message)
+        self.post_times[args["channel"]].append(time.monotonic())
         return {"channel": args["channel"], "ts": ts, "message": message}
 
     def _find(self, channel: str, ts: str) -> dict | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 
 import aiohttp
@@ -18,7 +19,7 @@ from bot.links import PRIVATE_ADDRESS_MESSAGE
 from bot.queue import Job
 from bot.render import SLACK, Story, render_thread
 from bot.settings import Settings
-from bot.slack_bot import DELETE, DONE, QUEUED, REGENERATE, SlackBot, manifest, purge_options
+from bot.slack_bot import DELETE, DONE, QUEUED, REGENERATE, ChannelPacer, SlackBot, manifest, purge_options
 from model.tree import Comment, Thread
 from tests.fake_hn import FakeHN
 from tests.fake_slack import BOT_USER, FakeSlack, signed
@@ -37,6 +38,7 @@ class SlackHarness(Harness):
         self.settings = Settings(db=str(tmp_path / "hnaas.sqlite3"), slack_bot_token="xoxb-fake",
                                  slack_app_token="xapp-fake", slack_signing_secret="secret",
                                  slack_api_base=fake.api_base, slack_host="127.0.0.1", slack_port=0,
+                                 slack_post_interval=0.0,
                                  allow_private_fetch=True, fetch_timeout=3, max_input_chars=500,
                                  batch_size=1).replace(**changes)
         self.engine = FakeEngine()
@@ -384,3 +386,29 @@ async def test_socket_mode_reconnects_when_slack_refreshes_the_connection(harnes
     assert "request #1" in await fake.command("After the refresh")
     await harness.settle()
     assert fake.calls.count("apps.connections.open") >= 2 and len(fake.headers("C1")) == 1
+
+
+async def test_posts_are_paced_per_channel(fake, tmp_path):
+    """Two stories in one channel at once (a roundup does that) go out at most one post per interval there."""
+    harness = SlackHarness(fake, tmp_path, slack_post_interval=0.15, batch_size=3)
+    try:
+        await harness.start()
+        harness.engine.gate = asyncio.Event()  # all three are generated in one batch
+        for title, channel in (("One", "C1"), ("Two", "C1"), ("Elsewhere", "C2")):
+            await fake.command(title, channel=channel)
+        harness.engine.gate.set()
+        await harness.settle(jobs=3, timeout=20)
+        in_c1 = sorted(fake.post_times["C1"])
+        assert len(in_c1) == 2 * (1 + N_TREE)
+        gaps = [b - a for a, b in itertools.pairwise(in_c1)]
+        assert min(gaps) >= 0.14, gaps
+    finally:
+        await harness.stop()
+
+
+async def test_the_pacer_holds_a_channel_and_not_the_others():
+    pacer = ChannelPacer(interval=100.0)
+    await asyncio.wait_for(pacer.wait("C1"), 1)  # the first post goes at once
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(pacer.wait("C1"), 0.05)  # the next one in C1 waits its turn
+    await asyncio.wait_for(pacer.wait("C2"), 1)  # another channel does not
