@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+LENGTHS = {"short": 1 / 3, "medium": 2 / 3, "long": 1.0}  # a request's length: its share of max_new_tokens
 PURGE_LIMIT = 200  # jobs per purge: each costs a platform call per message, and the moderator waits for the answer
 
 
@@ -52,6 +53,13 @@ class Request:
     seed: int | None = None
     max_new_tokens: int | None = None
     command: bool = False  # from /hnaas or the console: a plain title is a valid request
+
+
+def length_tokens(settings: Settings, length: str | None) -> int | None:
+    """New tokens for a named length ("short", "medium", "long"; None: the default)."""
+    if length is None:
+        return None
+    return max(32, round(settings.max_new_tokens * LENGTHS[length]))
 
 
 @dataclass(frozen=True)

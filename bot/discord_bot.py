@@ -35,7 +35,7 @@ import discord
 from discord import app_commands
 
 from bot import scheduler
-from bot.core import Origin, Posted, Request
+from bot.core import Origin, Posted, Request, length_tokens
 from bot.errors import HnaasError, PlatformRefused, PostError
 from bot.moderation import PurgeScope
 from bot.render import RenderLimits, format_status, neutralise_mentions
@@ -57,7 +57,6 @@ SUBMIT_GRACE = 1.5  # seconds a slash command waits for submit before deferring 
 HEADER_LOOKBACK = 50  # recent messages searched for an already-posted header when a post is resumed
 
 QUEUED, DONE, FAILED = "\N{HOURGLASS WITH FLOWING SAND}", "\N{WHITE HEAVY CHECK MARK}", "\N{CROSS MARK}"
-LENGTHS = {"short": 1 / 3, "medium": 2 / 3, "long": 1.0}  # share of settings.max_new_tokens
 
 # Discord error codes (https://discord.com/developers/docs/topics/opcodes-and-status-codes#json)
 UNKNOWN_MESSAGE = 10008
@@ -584,11 +583,8 @@ class HnaasCommands(app_commands.Group):
         channel_id = str(interaction.channel_id)
         origin = Origin(PLATFORM, channel_id=channel_id, thread_id=channel_id if in_thread else None,
                         guild_id=str(interaction.guild_id) if interaction.guild_id else None)
-        tokens = None
-        if length is not None:
-            tokens = max(32, round(self.bot.settings.max_new_tokens * LENGTHS[length]))
-        request = Request(origin, str(interaction.user.id), title_or_url, seed=seed, max_new_tokens=tokens,
-                          command=True)
+        request = Request(origin, str(interaction.user.id), title_or_url, seed=seed,
+                          max_new_tokens=length_tokens(self.bot.settings, length), command=True)
         # Fast refusals (queue full, a bad link) are answered privately; anything slower is deferred in time.
         task = asyncio.ensure_future(self.bot.core.submit(request))
         await asyncio.wait({task}, timeout=SUBMIT_GRACE)

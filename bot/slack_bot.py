@@ -39,7 +39,7 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot import scheduler
-from bot.core import Origin, Posted, Request
+from bot.core import LENGTHS, Origin, Posted, Request, length_tokens
 from bot.errors import HnaasError, InputRejected, PlatformRefused, PostError
 from bot.moderation import PurgeScope
 from bot.render import SLACK, format_status
@@ -70,7 +70,8 @@ PURGE_USAGE = ("Use `/hnaas purge` with a request number, a @member or a #channe
                "until=2026-12-01 (an age, or a UTC date; with a time: 2026-12-01T14:30).")
 
 HELP = """*HNaaS* writes a Hacker News style discussion of a link or a headline, as a thread.
-• `/hnaas <link or headline>`: a discussion in this channel
+• `/hnaas <link or headline>`: a discussion in this channel (add `seed=N` to get the same one again, \
+`length=short|medium|long`)
 • paste a link and mention me, or turn on `/hnaas links on` to have every pasted link answered
 • `/hnaas status`: how long the queue is
 • `/hnaas cancel <request number>`: cancel one of your requests that hasn't started
@@ -425,7 +426,9 @@ class SlackBot:
     async def _generate(self, ack, command: dict, text: str) -> None:
         user, channel = command["user_id"], command["channel_id"]
         origin = Origin(PLATFORM, channel_id=channel, guild_id=command.get("team_id"))
-        request = Request(origin, user, text, command=True)
+        text, seed, length = generate_options(text)
+        request = Request(origin, user, text, seed=seed, max_new_tokens=length_tokens(self.settings, length),
+                          command=True)
         # Answered within Slack's 3 s: with the request number when submit is quick (it usually is), else at once
         # with a holding answer and the number in a private message after.
         task = asyncio.ensure_future(self.core.submit(request))
@@ -513,6 +516,25 @@ class SlackBot:
         task = asyncio.create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+_GENERATE_OPTION = re.compile(rf"\s+(seed=(?P<seed>\d{{1,10}})|length=(?P<length>{'|'.join(LENGTHS)}))\s*$",
+                              re.IGNORECASE)
+
+
+def generate_options(text: str) -> tuple[str, int | None, str | None]:
+    """``/hnaas <link or headline> [seed=N] [length=short|medium|long]``: the text without its trailing options,
+    the seed (the same seed and model give the same discussion again) and the length."""
+    seed = length = None
+    while (m := _GENERATE_OPTION.search(text)) is not None:
+        if m["seed"] is not None and int(m["seed"]) < 2**31:
+            seed = int(m["seed"])
+        elif m["length"] is not None:
+            length = m["length"].lower()
+        else:
+            break
+        text = text[: m.start()]
+    return text.strip(), seed, length
 
 
 def purge_options(words: list[str]) -> dict[str, Any]:

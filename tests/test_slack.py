@@ -14,12 +14,23 @@ import pytest
 
 from bot.app import App, serve_platforms
 from bot.cli import main
+from bot.core import length_tokens
 from bot.discord_bot import DiscordConnection
 from bot.links import PRIVATE_ADDRESS_MESSAGE
 from bot.queue import Job
 from bot.render import SLACK, Story, render_thread
 from bot.settings import Settings
-from bot.slack_bot import DELETE, DONE, QUEUED, REGENERATE, ChannelPacer, SlackBot, manifest, purge_options
+from bot.slack_bot import (
+    DELETE,
+    DONE,
+    QUEUED,
+    REGENERATE,
+    ChannelPacer,
+    SlackBot,
+    generate_options,
+    manifest,
+    purge_options,
+)
 from model.tree import Comment, Thread
 from tests.fake_hn import FakeHN
 from tests.fake_slack import BOT_USER, FakeSlack, signed
@@ -412,3 +423,15 @@ async def test_the_pacer_holds_a_channel_and_not_the_others():
     with pytest.raises(asyncio.TimeoutError):
         await asyncio.wait_for(pacer.wait("C1"), 0.05)  # the next one in C1 waits its turn
     await asyncio.wait_for(pacer.wait("C2"), 1)  # another channel does not
+
+
+async def test_command_options_seed_and_length(harness, fake):
+    await harness.start()
+    await fake.command("Show HN: Same again seed=7 length=short")
+    await harness.settle()
+    job = await harness.job(1)
+    assert (job.title, job.seed) == ("Show HN: Same again", 7)
+    assert job.max_new_tokens == length_tokens(harness.settings, "short") < harness.settings.max_new_tokens
+    assert generate_options("A title seed=12 length=LONG") == ("A title", 12, "long")
+    assert generate_options("seed=5") == ("seed=5", None, None)  # nothing but options: that is the headline
+    assert generate_options("Ask HN: seed=99999999999") == ("Ask HN: seed=99999999999", None, None)
