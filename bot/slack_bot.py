@@ -57,6 +57,7 @@ COMMAND = "/hnaas"
 EVENTS_PATH = "/slack/events"
 QUEUED, DONE, FAILED = "hourglass_flowing_sand", "white_check_mark", "x"
 REGENERATE, DELETE = "hnaas_regenerate", "hnaas_delete"  # action ids; the button's value is the job id
+HEADER_LOOKBACK = 50  # recent messages searched for an already-posted header when a post is resumed
 SUBMIT_GRACE = 2.0  # seconds a command waits for submit before acknowledging (3 s is Slack's limit)
 RATE_LIMIT_RETRIES = 5  # chat.postMessage allows about one message a second per channel: wait out a 429
 
@@ -100,12 +101,16 @@ def web_client(settings: Settings) -> AsyncWebClient:
                                           AsyncConnectionErrorRetryHandler()])
 
 
+def header_block_id(job_id: int) -> str:
+    return f"hnaas_header_{job_id}"
+
+
 def blocks(text: str, job_id: int | None = None) -> list[dict[str, Any]]:
     """A rendered message as blocks: one mrkdwn section (the renderer keeps it under its 3000 characters), and the
     header's buttons."""
     result: list[dict[str, Any]] = [{"type": "section", "text": {"type": "mrkdwn", "text": text}}]
     if job_id is not None:
-        result.append({"type": "actions", "block_id": f"hnaas_header_{job_id}", "elements": [
+        result.append({"type": "actions", "block_id": header_block_id(job_id), "elements": [
             {"type": "button", "action_id": REGENERATE, "value": str(job_id),
              "text": {"type": "plain_text", "text": "Regenerate"}},
             {"type": "button", "action_id": DELETE, "value": str(job_id), "style": "danger",
@@ -175,6 +180,8 @@ class SlackPoster:
         header = message.parent_key is None
         # The header opens the story's thread, unless the request was made inside a thread (threads don't nest).
         thread_ts = job.thread_id if header else (thread_ref or job.thread_id)
+        if header and (found := await self._find_header(job)) is not None:
+            return Posted(found, thread_ts or found)  # posted before a crash, not recorded: not posted twice
         await self.pacer.wait(job.channel_id)
         try:
             response = await self.client.chat_postMessage(
@@ -187,6 +194,24 @@ class SlackPoster:
             raise PostError("I couldn't reach Slack; I'll try again.", repr(exc)) from exc
         ts = response["ts"]
         return Posted(ts, (thread_ts or ts) if header else thread_ts)
+
+    async def _find_header(self, job: Job) -> str | None:
+        """The ts of this job's header if an earlier attempt already posted it: the bot's recent messages where the
+        header goes are searched for its buttons' block id. None when there is none, or they can't be read."""
+        wanted = header_block_id(job.id)
+        try:
+            if job.thread_id:
+                response = await self.client.conversations_replies(channel=job.channel_id, ts=job.thread_id,
+                                                                   limit=HEADER_LOOKBACK)
+            else:
+                response = await self.client.conversations_history(channel=job.channel_id, limit=HEADER_LOOKBACK)
+        except (SlackApiError, aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            log.debug("could not read %s for job %s's header: %s", job.channel_id, job.id, exc)
+            return None
+        for message in response.get("messages") or []:
+            if message.get("bot_id") and any(b.get("block_id") == wanted for b in message.get("blocks") or []):
+                return message["ts"]
+        return None
 
     async def edit(self, job: Job, message_id: str, message: RenderedMessage) -> None:
         """The header of a streamed thread gets its final comment count."""

@@ -44,6 +44,7 @@ class FakeSlack:
         self.missing_channels: set[str] = set()
         self.socket_connections = 0
         self._failures: dict[str, list[tuple[str, int, float | None]]] = defaultdict(list)
+        self._lost_answers: dict[str, list[tuple[asyncio.Event, asyncio.Event]]] = defaultdict(list)
         self._ts = itertools.count(1)
         self._ids = itertools.count(1)
         self._ws: web.WebSocketResponse | None = None
@@ -80,6 +81,13 @@ class FakeSlack:
     @property
     def api_base(self) -> str:
         return f"http://127.0.0.1:{self.port}/api/"
+
+    def lose_next_answer(self, method: str) -> tuple[asyncio.Event, asyncio.Event]:
+        """The next call of ``method`` takes effect, then hangs until ``release`` is set and fails with a 503:
+        (stalled, release)."""
+        events = (asyncio.Event(), asyncio.Event())
+        self._lost_answers[method].append(events)
+        return events
 
     def fail_next(self, method: str, error: str, *, status: int = 200, retry_after: float | None = None,
                   times: int = 1) -> None:
@@ -194,7 +202,13 @@ class FakeSlack:
         handler = getattr(self, "_" + method.replace(".", "_"), None)
         if handler is None:
             return web.json_response({"ok": False, "error": "unknown_method"}, status=404)
-        return web.json_response({"ok": True, **handler(args)})
+        body = {"ok": True, **handler(args)}
+        if self._lost_answers[method]:
+            stalled, release = self._lost_answers[method].pop(0)
+            stalled.set()  # Slack did it, but the answer never reaches the bot
+            await release.wait()
+            return web.Response(status=503)
+        return web.json_response(body)
 
     def _auth_test(self, args) -> dict:
         return {"url": "https://fake.slack.com/", "team": "Fake", "user": "hnaas", "team_id": TEAM,
@@ -215,6 +229,14 @@ class FakeSlack:
 
     def _find(self, channel: str, ts: str) -> dict | None:
         return next((m for m in self.messages[channel] if m["ts"] == ts), None)
+
+    def _conversations_history(self, args) -> dict:
+        newest_first = [m for m in reversed(self.messages[args["channel"]]) if not m.get("thread_ts")]
+        return {"messages": newest_first[: int(args.get("limit", 100))]}
+
+    def _conversations_replies(self, args) -> dict:
+        thread = [m for m in self.messages[args["channel"]] if m.get("thread_ts") == args["ts"]]
+        return {"messages": thread[: int(args.get("limit", 100))]}
 
     def _chat_update(self, args) -> dict:
         message = self._find(args["channel"], args["ts"])

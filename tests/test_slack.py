@@ -435,3 +435,18 @@ async def test_command_options_seed_and_length(harness, fake):
     assert generate_options("A title seed=12 length=LONG") == ("A title", 12, "long")
     assert generate_options("seed=5") == ("seed=5", None, None)  # nothing but options: that is the headline
     assert generate_options("Ask HN: seed=99999999999") == ("Ask HN: seed=99999999999", None, None)
+
+
+async def test_crash_after_slack_took_the_header_does_not_repeat_it(harness, fake):
+    await harness.start()
+    stalled, release = fake.lose_next_answer("chat.postMessage")
+    await fake.command("Lost answer")
+    await asyncio.wait_for(stalled.wait(), 10)
+    await harness.crash()
+    release.set()
+    assert len(fake.headers("C1")) == 1 and not fake.thread("C1", fake.headers("C1")[0]["ts"])
+
+    await harness.start()  # a new process on the same SQLite file finishes the job
+    await harness.settle()
+    [header] = fake.headers("C1")  # found by its block id and reused
+    assert [m["text"] for m in fake.thread("C1", header["ts"])] == expected_texts(await harness.job(1))[1:]
