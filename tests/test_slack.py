@@ -248,7 +248,7 @@ async def test_platform_errors_fail_the_job_with_a_message_or_are_retried(harnes
     assert not fake.messages["C9"]
 
 
-async def test_purge_and_roundup_commands_are_for_admins(harness, fake):
+async def test_purge_is_for_admins(harness, fake):
     await harness.start()
     await fake.command("One", user="U1")
     await fake.command("Two", user="U2")
@@ -264,10 +264,25 @@ async def test_purge_and_roundup_commands_are_for_admins(harness, fake):
     await fake.wait_until(lambda: "Nothing to purge: no HNaaS output matches that." in fake.ephemeral_to(ADMIN))
     assert len(fake.headers("C1")) == 1
 
-    assert "Only workspace admins" in await fake.command("roundup on", user="U1")
-    answer = await fake.command("roundup on", user=ADMIN)
-    assert "Every day at 08:00 UTC" in answer
-    assert await harness.app.core.option("slack:channel:C1", "roundup") == {"guild_id": "T1"}
+
+
+async def test_roundup_on_posts_todays_front_page_in_the_channel(harness, fake):
+    stories = {i: {"id": i, "type": "story", "title": f"Front page story {i}", "url": f"https://example.com/{i}"}
+               for i in (11, 12, 13)}
+    async with FakeHN(stories, topstories=[12, 11, 13]) as hn:
+        # a time already past today: subscribing now brings today's roundup at once
+        harness.settings = harness.settings.replace(hn_api_base=hn.base_url, roundup_time="00:00",
+                                                    roundup_stories=2)
+        await harness.start()
+        assert "Only workspace admins" in await fake.command("roundup on", user="U1")
+        assert "Every day at 00:00 UTC" in await fake.command("roundup on", user=ADMIN)
+        await harness.settle(jobs=2)
+        headers = fake.headers("C1")
+        assert ["Front page story 12" in headers[0]["text"], "Front page story 11" in headers[1]["text"]] == [True] * 2
+        assert all(len(fake.thread("C1", h["ts"])) == N_TREE for h in headers)
+        assert not fake.ephemeral_to("hnaas:roundup")  # no member asked: no notices
+        assert "No more daily roundups here." in await fake.command("roundup off", user=ADMIN)
+        assert await harness.app.core.option("slack:channel:C1", "roundup") is None
 
 
 def test_purge_options_read_slack_mentions_and_times():
