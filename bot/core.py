@@ -251,6 +251,10 @@ class Core:
             self.worker.wake()
         return jobs
 
+    async def first_delivery(self, key: str) -> bool:
+        """Claim a platform delivery (``Queue.first_delivery``): False when ``key`` was already handled."""
+        return await self.queue.first_delivery(key)
+
     async def option(self, scope: str, name: str, default=None):
         return await self.queue.option(scope, name, default)
 

@@ -376,18 +376,18 @@ class SlackBot:
         if event.get("subtype") or event.get("bot_id"):  # edits, joins, bots (this one included)
             return
         text = event.get("text") or ""
-        if self.bot_user_id and f"<@{self.bot_user_id}" in text:
-            return  # the app_mention event for the same message handles it
         direct = event.get("channel_type") == "im"  # a direct message to the bot is always a request
+        if not direct and self.bot_user_id and f"<@{self.bot_user_id}" in text:
+            return  # the app_mention event for the same message handles it (Slack sends none in DMs)
         if not direct and (event.get("thread_ts") or not await self.links_enabled(event["channel"])):
             return  # links alone count only in top-level messages of channels that opted in
-        await self._request(event, body, text, explicit=direct)
+        if await self._first_delivery(event):
+            await self._request(event, body, self._without_mention(text), explicit=direct)
 
     async def on_mention(self, event: dict, body: dict) -> None:
-        if event.get("bot_id"):
+        if event.get("bot_id") or not await self._first_delivery(event):
             return
-        text = _MENTION.sub(lambda m: " " if m.group(1) == self.bot_user_id else m.group(0),
-                            event.get("text") or "").strip()
+        text = self._without_mention(event.get("text") or "")
         if not text:
             await self.poster.tell(event["channel"], event["user"],
                                    f"Paste a link (or a headline) after mentioning me, or use `{COMMAND}`.",
@@ -395,10 +395,15 @@ class SlackBot:
             return
         await self._request(event, body, text, explicit=True)
 
+    async def _first_delivery(self, event: dict) -> bool:
+        """False for a message already handled: a redelivery, or the other event of a mention."""
+        return await self.core.first_delivery(f"{PLATFORM}:{event['channel']}:{event['ts']}")
+
+    def _without_mention(self, text: str) -> str:
+        return _MENTION.sub(lambda m: " " if m.group(1) == self.bot_user_id else m.group(0), text).strip()
+
     async def _request(self, event: dict, body: dict, text: str, *, explicit: bool) -> None:
         channel, ts, user = event["channel"], event["ts"], event["user"]
-        if not await self.core.queue.first_delivery(f"{PLATFORM}:{channel}:{ts}"):
-            return  # a redelivery, or the other event of a mention
         origin = Origin(PLATFORM, channel_id=channel, message_id=ts, thread_id=event.get("thread_ts"),
                         guild_id=body.get("team_id") or event.get("team"))
         request = Request(origin, user, text, command=explicit)

@@ -187,8 +187,12 @@ async def test_bad_input_gets_a_short_private_answer_and_nothing_is_queued(harne
     job = await harness.job(1)
     assert job.status == "failed" and job.error == PRIVATE_ADDRESS_MESSAGE
     assert f"Request #1: {PRIVATE_ADDRESS_MESSAGE}" in fake.ephemeral_to("U1")
-    await fake.user_message(f"<@{BOT_USER}>", mention=True)
+    ts = await fake.user_message(f"<@{BOT_USER}>", mention=True)
     await fake.wait_until(lambda: any("Paste a link" in t for t in fake.ephemeral_to("U1")))
+    await fake.event({"type": "app_mention", "channel": "C1", "user": "U1", "ts": ts, "text": f"<@{BOT_USER}>"},
+                     retry_attempt=1)
+    await asyncio.sleep(0.2)
+    assert sum("Paste a link" in t for t in fake.ephemeral_to("U1")) == 1  # told once, redelivered or not
     assert not fake.all_messages()
 
 
@@ -364,10 +368,10 @@ async def test_run_refuses_a_bad_slack_token_with_what_to_fix(fake, tmp_path, ca
 async def test_a_direct_message_is_a_request(harness, fake):
     await harness.start()
     await fake.event({"type": "message", "channel": "D1", "channel_type": "im", "user": "U1", "ts": fake.new_ts(),
-                      "text": "Ask HN: What do you run at home?"})
+                      "text": f"<@{BOT_USER}> Ask HN: What do you run at home?"})  # no app_mention comes in DMs
     await harness.settle()
     header, replies = story_thread(fake, "D1")
-    assert "Ask HN: What do you run at home?" in header["text"] and len(replies) == N_TREE
+    assert (await harness.job(1)).title == "Ask HN: What do you run at home?" and len(replies) == N_TREE
 
 
 def test_manifest_asks_for_what_the_bot_listens_to(capsys):
