@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import sqlite3
 
 import aiohttp
 import pytest
@@ -469,3 +470,19 @@ async def test_crash_after_slack_took_the_header_does_not_repeat_it(harness, fak
     await harness.settle()
     [header] = fake.headers("C1")  # found by its block id and reused
     assert [m["text"] for m in fake.thread("C1", header["ts"])] == expected_texts(await harness.job(1))[1:]
+
+
+async def test_a_slow_queue_is_acknowledged_in_time_and_answered_after(harness, fake):
+    """Slack wants an answer within 3 s: when the queue is slow (here another process holds its write lock), the
+    command is acknowledged at once and the request number follows privately."""
+    await harness.start()
+    other = sqlite3.connect(harness.settings.db, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        assert await fake.command("Slow queue") == "On it…"  # answered after SUBMIT_GRACE, not after the lock
+    finally:
+        other.execute("COMMIT")
+        other.close()
+    await fake.wait_until(lambda: any("Queued as request #1" in t for t in fake.ephemeral_to("U1")))
+    await harness.settle()
+    assert len(fake.headers("C1")) == 1
