@@ -176,6 +176,9 @@ def render_comment(story: Story, path: Path, comment: Comment, limits: RenderLim
     marker = depth_marker(depth, limits.markup)
     byline = f"{marker} {_bold(handle(story.seed, path), limits.markup)} {format_age(age_minutes(story.seed, path))}"
     byline = byline.strip()
+    if limits.markup == "mrkdwn" and depth > 1:
+        # A Slack thread is one flat list with no reply links: name the parent, as Discord's reply preview does.
+        byline += f" · replying to {handle(story.seed, path[:-1])}"
     body = _safe(comment.text, limits.markup)
     continued = f"{marker} {_bold(handle(story.seed, path), limits.markup)} (continued)".strip()
     room_first = limits.max_chars - len(byline) - 1

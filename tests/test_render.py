@@ -102,6 +102,14 @@ def test_split_prefers_paragraphs_and_cuts_giant_words_only_when_it_must():
     assert "".join(parts) == giant and all(len(p) <= 100 for p in parts)
 
 
+def test_slack_replies_name_their_parent():
+    """A Slack thread is flat: a reply's byline names the comment it answers (Discord shows a reply preview)."""
+    messages = {m.key: m for m in render_thread(sample_thread(), STORY, SLACK)}
+    assert f"replying to {handle(STORY.seed, (0, 1))}" in messages["c0.1.0"].text.split("\n")[0]
+    assert "replying to" not in messages["c0"].text
+    assert all("replying to" not in m.text for m in render_thread(sample_thread(), STORY, DISCORD))
+
+
 def test_slack_and_console_limits():
     long = Comment("a" * 10 + " " + "b " * 4000)
     for limits in (SLACK, CONSOLE):
@@ -119,10 +127,10 @@ trees = st.recursive(
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(trees, min_size=1, max_size=4), st.integers(200, 2000))
-def test_any_tree_renders_within_limits_and_mirrors_the_tree(comments, max_chars):
+@given(st.lists(trees, min_size=1, max_size=4), st.integers(200, 2000), st.sampled_from(["markdown", "mrkdwn", "plain"]))
+def test_any_tree_renders_within_limits_and_mirrors_the_tree(comments, max_chars, markup):
     thread = Thread("T", None, comments)
-    limits = RenderLimits(max_chars=max_chars, markup="markdown")
+    limits = RenderLimits(max_chars=max_chars, markup=markup)
     messages = render_thread(thread, Story("T", None, 1), limits)
     assert all(len(m.text) <= max_chars for m in messages)
     expected = {("c" + ".".join(map(str, p))): ("c" + ".".join(map(str, p[:-1])) if len(p) > 1 else None)
