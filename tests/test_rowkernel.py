@@ -28,7 +28,8 @@ def fresh_load(monkeypatch, tmp_path):
 
 @needs_compiler
 @pytest.mark.parametrize("rows", [1, 2, 3])
-@pytest.mark.parametrize(("outputs", "inputs"), [(1, 1), (5, 7), (8, 64), (97, 65), (300, 256)])
+# inputs: below one vector, whole blocks of 32 (16 for two rows), and each loop followed by a long tail (47, 65)
+@pytest.mark.parametrize(("outputs", "inputs"), [(1, 1), (5, 7), (8, 64), (33, 47), (97, 65), (300, 256)])
 def test_the_kernel_computes_what_torch_computes(rows, outputs, inputs):
     kernel = rowkernel.load()
     assert kernel is not None  # a compiler is here, so the kernel must build
