@@ -6,8 +6,8 @@
    the attention's by `omp simd reduction`, so that summing in any order needs no -ffast-math, which would change
    floating point for the whole process.
 
-   hnaas_decode_layer runs a whole transformer block in one parallel region: at one row a block is ~15 small torch ops
-   besides its 4 matrices, and on a 2-core VM each op costs 20-30 us, more than the matrices of a small model. */
+   hnaas_decode_blocks runs every transformer block in one parallel region: at one row a block is ~15 small torch
+   ops besides its 4 matrices, and on a 2-core VM each op costs 20-30 us, more than the matrices of a small model. */
 
 #include <math.h>
 
@@ -188,25 +188,35 @@ void hnaas_decode_attention(const float *qkv, float *k_cache, float *v_cache, co
 /* One GPT-2 block (pre-norm, tanh GELU) for rows r < n, row r in cache slot r at position positions[r]:
      h = ln_1(x); q, k, v = h W_attn + b; cache[r, :, pos] = k, v; a = softmax(q K^T * scale) V over positions 0..pos;
      x += a W_proj + b; x += gelu(ln_2(x) W_fc + b) W_mlp + b
-   x: [n, d], updated in place. k_cache, v_cache: this layer's [slots, heads, capacity, head_dim]. scratch: at least
-   n * (5 d + inner) + n * heads * (max position + 1) floats. */
-void hnaas_decode_layer(float *x, const float *ln1_w, const float *ln1_b, const float *attn_w, const float *attn_b,
-                        const float *proj_w, const float *proj_b, const float *ln2_w, const float *ln2_b,
-                        const float *fc_w, const float *fc_b, const float *mlp_w, const float *mlp_b,
-                        float *k_cache, float *v_cache, const long *positions, long n, long d, long inner,
-                        long heads, long capacity, float scale, float eps, float *scratch, int threads) {
-    long length = attention_length(positions, n);
+   w: the block's 12 tensors in that order (ln_1 weight, bias; W_attn, b; W_proj, b; ln_2 weight, bias; W_fc, b;
+   W_mlp, b). x: [n, d], updated in place. k_cache, v_cache: this layer's [slots, heads, capacity, head_dim].
+   Called inside a parallel region; every phase ends at its `omp for` barrier, so the next reads what it wrote. */
+static void block(float *x, const float *const *w, float *k_cache, float *v_cache, const long *positions, long n,
+                  long d, long inner, long heads, long capacity, float scale, float eps, float *scratch,
+                  long length) {
     float *h = scratch, *qkv = h + n * d, *a = qkv + n * 3 * d, *f = a + n * d, *scores = f + n * inner;
+#pragma omp for schedule(static)
+    for (long r = 0; r < n; r++) layer_norm(x + r * d, w[0], w[1], h + r * d, d, eps);
+    rows_product(w[2], h, w[3], qkv, n, 3 * d, d, 0, 0);
+    attend(qkv, k_cache, v_cache, positions, n, d, heads, capacity, scale, a, scores, length, 0);
+    rows_product(w[4], a, w[5], x, n, d, d, 0, 1);
+#pragma omp for schedule(static)
+    for (long r = 0; r < n; r++) layer_norm(x + r * d, w[6], w[7], h + r * d, d, eps);
+    rows_product(w[8], h, w[9], f, n, inner, d, 1, 0);
+    rows_product(w[10], f, w[11], x, n, d, inner, 0, 1);
+}
+
+/* Every block of the model, in one parallel region: one call and one fork of the threads per decode step instead
+   of one per block (each ~10-20 us through ctypes and OpenMP: ~10 % of the default model's one-row step).
+   weights: blocks * 12 pointers, block() order. k_cache, v_cache: [blocks, slots, heads, capacity, head_dim], block b
+   at b * layer_floats. scales: per block. scratch: at least n * (5 d + inner) + n * heads * (max position + 1)
+   floats. */
+void hnaas_decode_blocks(float *x, const float *const *weights, long blocks, float *k_cache, float *v_cache,
+                         long layer_floats, const long *positions, long n, long d, long inner, long heads,
+                         long capacity, const float *scales, float eps, float *scratch, int threads) {
+    long length = attention_length(positions, n);
 #pragma omp parallel num_threads(threads) if (threads > 1)
-    {
-#pragma omp for schedule(static)
-        for (long r = 0; r < n; r++) layer_norm(x + r * d, ln1_w, ln1_b, h + r * d, d, eps);
-        rows_product(attn_w, h, attn_b, qkv, n, 3 * d, d, 0, 0);
-        attend(qkv, k_cache, v_cache, positions, n, d, heads, capacity, scale, a, scores, length, 0);
-        rows_product(proj_w, a, proj_b, x, n, d, d, 0, 1);
-#pragma omp for schedule(static)
-        for (long r = 0; r < n; r++) layer_norm(x + r * d, ln2_w, ln2_b, h + r * d, d, eps);
-        rows_product(fc_w, h, fc_b, f, n, inner, d, 1, 0);
-        rows_product(mlp_w, f, mlp_b, x, n, d, inner, 0, 1);
-    }
+    for (long b = 0; b < blocks; b++)
+        block(x, weights + 12 * b, k_cache + b * layer_floats, v_cache + b * layer_floats, positions, n, d, inner,
+              heads, capacity, scales[b], eps, scratch, length);
 }

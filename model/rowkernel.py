@@ -6,9 +6,9 @@ and small ops. On the AMD EPYC (Zen 4) this project runs on, oneDNN and MKL read
 overhead. Two entry points:
 - `linear`: x @ W.T + b (+ GELU, + a residual) over [out, in] weights, read once whatever the row count. The default
   model's 33 matrices of a one-row step: 1.8 ms, against 3.4 ms through oneDNN.
-- `DecodeBlocks`: a whole transformer block per call (layer norms, the matrices, the KV-cache write, attention,
-  residuals) in one parallel region: the default model's decode step at one row 3.2 ms, against 4.9 ms with the
-  torch ops around `linear` (and ~6 ms before either).
+- `DecodeBlocks`: every transformer block of a decode step (layer norms, the matrices, the KV-cache write, attention,
+  residuals) in one call and one parallel region: the default model's decode step at one row 3.2 ms, against 4.9 ms
+  with the torch ops around `linear` (and ~6 ms before either), when it still took one call per block.
 
 The library is built with the machine's C compiler (`$CC`, else `cc`; `-O3 -march=native -fopenmp`) into a cache
 directory (`$HNAAS_KERNEL_CACHE`, else `~/.cache/hnaas/kernels`), keyed by the source, the compiler and the CPU, so a
@@ -48,7 +48,7 @@ class Kernels:
     """The compiled library's entry points (ctypes functions; ctypes.CDLL releases the GIL while they run)."""
 
     rows_linear: Callable[..., None]
-    decode_layer: Callable[..., None]
+    decode_blocks: Callable[..., None]
     decode_attention: Callable[..., None]
 
 
@@ -60,7 +60,7 @@ def load() -> Kernels | None:
         return None
     try:
         library = ctypes.CDLL(str(_build()))
-        rows, layer = library.hnaas_rows_linear, library.hnaas_decode_layer
+        rows, layer = library.hnaas_rows_linear, library.hnaas_decode_blocks
         attention = library.hnaas_decode_attention
     except (OSError, subprocess.SubprocessError, AttributeError) as exc:
         log.warning("row kernel unavailable, so decode steps run on torch ops (requests alone at about half "
@@ -69,7 +69,8 @@ def load() -> Kernels | None:
     pointer, size, number = ctypes.c_void_p, ctypes.c_long, ctypes.c_float
     rows.restype = layer.restype = attention.restype = None
     rows.argtypes = [pointer] * 5 + [size] * 3 + [ctypes.c_int] * 2
-    layer.argtypes = [pointer] * 16 + [size] * 5 + [number] * 2 + [pointer, ctypes.c_int]
+    layer.argtypes = ([pointer, pointer, size, pointer, pointer] + [size] + [pointer] + [size] * 5 +
+                      [pointer, number, pointer, ctypes.c_int])
     attention.argtypes = [pointer] * 4 + [size] * 4 + [number] + [pointer] * 2 + [ctypes.c_int]
     return Kernels(rows, layer, attention)
 
@@ -92,8 +93,8 @@ def linear(kernels: Kernels, weight: torch.Tensor, x: torch.Tensor, bias: torch.
 
 
 class DecodeBlocks:
-    """GPT-2's blocks (pre-norm, tanh GELU) run by the compiled `hnaas_decode_layer`, one call per block, for a few
-    rows at a time: what `CachedGPT2.decode` does with ~15 torch ops per block. The weights are checked once here
+    """GPT-2's blocks (pre-norm, tanh GELU) run by the compiled `hnaas_decode_blocks`, all of them in one call, for a
+    few rows at a time: what `CachedGPT2.decode` does with ~15 torch ops per block. The weights are checked once here
     (the kernel reads raw memory) and must outlive this object; the caller keeps them."""
 
     def __init__(self, kernels: Kernels, blocks: Sequence[Sequence[torch.Tensor]], heads: int, eps: float,
@@ -111,7 +112,10 @@ class DecodeBlocks:
                                      f"{tensor.dtype} {tuple(tensor.shape)}")
         if d % heads or len(self.scales) != len(blocks):
             raise ValueError("heads must divide the width, and each block needs its attention scale")
-        self.addresses = [[t.data_ptr() for t in block] for block in blocks]
+        self.blocks = len(blocks)
+        # what the kernel reads: each block's 12 tensor addresses, and the scales, as C arrays made once
+        self.addresses = (ctypes.c_void_p * (12 * len(blocks)))(*[t.data_ptr() for block in blocks for t in block])
+        self.c_scales = (ctypes.c_float * len(blocks))(*self.scales)
 
     def __call__(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
         """Run every block over x [n, d] (contiguous fp32, updated in place), row r in cache slot r at positions[r]
@@ -120,14 +124,11 @@ class DecodeBlocks:
         n = x.shape[0]
         if not (x.dtype == torch.float32 and x.is_contiguous() and tuple(x.shape) == (n, self.d)):
             raise ValueError(f"the decode kernel needs a contiguous fp32 [n, {self.d}] input")
-        rows, length, layer_bytes = _check_step(keys, values, positions, n, len(self.addresses), self.heads, self.d)
+        rows, length, layer_bytes = _check_step(keys, values, positions, n, self.blocks, self.heads, self.d)
         scratch = torch.empty(n * (5 * self.d + self.inner) + n * self.heads * length, dtype=torch.float32)
-        threads, capacity = torch.get_num_threads(), keys.shape[3]
-        for i, block in enumerate(self.addresses):
-            offset = i * layer_bytes
-            self.kernels.decode_layer(x.data_ptr(), *block, keys.data_ptr() + offset, values.data_ptr() + offset,
-                                      rows.data_ptr(), n, self.d, self.inner, self.heads, capacity, self.scales[i],
-                                      self.eps, scratch.data_ptr(), threads)
+        self.kernels.decode_blocks(x.data_ptr(), self.addresses, self.blocks, keys.data_ptr(), values.data_ptr(),
+                                   layer_bytes // 4, rows.data_ptr(), n, self.d, self.inner, self.heads, keys.shape[3],
+                                   self.c_scales, self.eps, scratch.data_ptr(), torch.get_num_threads())
 
 
 class DecodeAttention:
