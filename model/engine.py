@@ -158,7 +158,8 @@ class GenerationResult:
 # ----- sampling -------------------------------------------------------------------------------------------------
 
 def sample_tokens(logits: torch.Tensor, uniforms: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-                  top_p: torch.Tensor, *, candidates: int = CANDIDATES) -> torch.Tensor:
+                  top_p: torch.Tensor, *, candidates: int = CANDIDATES,
+                  kernels: rowkernel.Kernels | None = None) -> torch.Tensor:
     """Pick one token per row. Row i depends only on logits[i], uniforms[i] and its own settings.
 
     logits [B, V] float; uniforms [B] or [B, R] in [0, 1) (R > 1: top-p may draw by rejection, below);
@@ -170,10 +171,20 @@ def sample_tokens(logits: torch.Tensor, uniforms: torch.Tensor, temperature: tor
       - top-p without top-k: with R > 1 uniforms, `_sample_nucleus_by_rejection`, and for the rows it leaves (rare)
         or with one uniform, `_sample_nucleus` (histogram + one small topk); both exact;
       - neither: the full softmax, drawn in vocabulary order.
+    With `kernels` (the compiled row kernel), up to `rowkernel.BLOCK_ROWS` CPU rows of top-p or plain temperature
+    sampling run in C (`rowkernel.sample`: the same arithmetic, so the same tokens but where a uniform falls within a
+    rounding error of a boundary), and only the rows it leaves come here.
     """
     logits = logits.float()
     if uniforms.dim() == 1:
         uniforms = uniforms.unsqueeze(1)
+    if kernels is not None and logits.device.type == "cpu" and len(logits) <= rowkernel.BLOCK_ROWS:
+        tokens, left = rowkernel.sample(kernels, logits, uniforms, temperature, top_k, top_p)
+        if left:
+            rows = torch.nonzero(tokens < 0).flatten()
+            tokens[rows] = sample_tokens(logits[rows], uniforms[rows], temperature[rows], top_k[rows], top_p[rows],
+                                         candidates=candidates)
+        return tokens
     device = logits.device
     greedy = temperature <= 0
     scaled = logits * (1 / torch.where(greedy, torch.ones_like(temperature), temperature)).unsqueeze(1)
@@ -586,6 +597,7 @@ class Engine:
         self._executor: ThreadPoolExecutor | None = None
         self._model: CachedGPT2 | None = None
         self._tokenizer: Any = None
+        self._sampler: rowkernel.Kernels | None = None
         self._info: dict[str, Any] | None = None
         self._closing = False
         self._in_flight = 0
@@ -758,6 +770,8 @@ class Engine:
             _keep_freed_memory()  # after loading: the model's freed memory goes back to the OS first
         self._tokenizer = tokenizer
         self._device = device
+        # a few rows sample in C where the row kernel is built (CPU): ~100 small torch ops less per step
+        self._sampler = rowkernel.load() if device.type == "cpu" else None
         self._eos = ids[END_OF_TEXT]
         self._tags = {ids[OPEN], ids[CLOSE]}
         self._tag_kinds = {ids[END_OF_TEXT]: END_OF_TEXT, ids[OPEN]: OPEN, ids[CLOSE]: CLOSE}
@@ -785,6 +799,7 @@ class Engine:
             "token_budget": self.token_budget,
             "row_kernel": self._model.blocks is not None,  # 1-4 rows decode through model/rowkernel.py
             "attention_kernel": self._model.attention is not None,  # the other steps attend through it
+            "sampling_kernel": self._sampler is not None,  # up to rowkernel.BLOCK_ROWS rows sample through it
         }
 
     def _resolve_dtype(self, device: torch.device) -> torch.dtype:
@@ -947,7 +962,7 @@ class Engine:
         uniforms = torch.stack([torch.rand(DRAWS, generator=rows[i].generator, dtype=torch.float64) for i in drawn])
         tokens = torch.empty(len(rows), dtype=torch.long, device=self._device)
         tokens[index] = sample_tokens(logits[index], uniforms.to(self._device), self._temperature[s][index],
-                                      self._top_k[s][index], self._top_p[s][index])
+                                      self._top_k[s][index], self._top_p[s][index], kernels=self._sampler)
         if pairs:
             guided, shadows = (torch.tensor(side, device=self._device) for side in zip(*pairs, strict=True))
             tokens[shadows] = tokens[guided]

@@ -220,3 +220,73 @@ void hnaas_decode_blocks(float *x, const float *const *weights, long blocks, flo
         block(x, weights + 12 * b, k_cache + b * layer_floats, v_cache + b * layer_floats, positions, n, d, inner,
               heads, capacity, scales[b], eps, scratch, length);
 }
+
+/* Index of the first cdf entry > uniform * cdf[V - 1] (the last index at most): engine.py's `_draw`, with the same
+   float32 rounding (the uniform is rounded to float and kept below 1, then scaled by the total in float). */
+static long draw_index(const float *cdf, long V, double uniform) {
+    float u = (float)uniform;
+    const float below_one = 0.99999994f; /* 1 - FLT_EPSILON / 2 */
+    if (u > below_one) u = below_one;
+    float value = u * cdf[V - 1];
+    long lo = 0, hi = V;
+    while (lo < hi) {
+        long mid = lo + (hi - lo) / 2;
+        if (cdf[mid] > value)
+            hi = mid;
+        else
+            lo = mid + 1;
+    }
+    return lo < V - 1 ? lo : V - 1;
+}
+
+/* engine.sample_tokens for a few rows, in one call instead of ~100 small torch ops (~0.3 ms a step, a quarter of the
+   default model's one-row step). The same arithmetic: logits * (1 / temperature) in float, exp(x - max), a cumulative
+   sum accumulated in double (as torch's CPU cumsum does) and rounded to float; top-p by rejection, a draw from the
+   whole softmax kept when the mass of the tokens above it is < top_p times the total (transformers' rule), with
+   uniforms[r, 0 .. draws - 2]; top_p >= 1: the draw with uniforms[r, 0]. Rows it leaves get tokens[r] = -1: greedy,
+   top-k, every draw rejected (the caller's exact nucleus takes those), or no finite logit. logits: [n, V];
+   uniforms: [n, draws]; scratch: 3 V floats. Returns the number of rows left. */
+long hnaas_sample(const float *logits, long n, long V, const float *temperature, const long *top_k,
+                  const float *top_p, const double *uniforms, long draws, float *scratch, long *tokens) {
+    float *s = scratch, *e = s + V, *cdf = e + V;
+    long left = 0;
+    for (long r = 0; r < n; r++) {
+        const float *x = logits + r * V;
+        const double *u = uniforms + r * draws;
+        float t = temperature[r];
+        tokens[r] = -1;
+        if (!(t > 0.0f) || top_k[r] > 0 || draws < 1) {
+            left++;
+            continue;
+        }
+        float inv = 1.0f / t, top = -INFINITY;
+        for (long i = 0; i < V; i++) {
+            s[i] = x[i] * inv;
+            top = s[i] > top ? s[i] : top;
+        }
+        if (!(top > -INFINITY) || top == INFINITY) {
+            left++;
+            continue;
+        }
+        double sum = 0.0;
+        for (long i = 0; i < V; i++) {
+            e[i] = expf(s[i] - top);
+            sum += e[i];
+            cdf[i] = (float)sum;
+        }
+        if (top_p[r] >= 1.0f) {
+            tokens[r] = draw_index(cdf, V, u[0]);
+            continue;
+        }
+        float target = top_p[r] * cdf[V - 1];
+        for (long k = 0; k + 1 < draws && tokens[r] < 0; k++) {
+            long j = draw_index(cdf, V, u[k]);
+            float cut = s[j], above = 0.0f;
+#pragma omp simd reduction(+ : above)
+            for (long i = 0; i < V; i++) above += s[i] > cut ? e[i] : 0.0f;
+            if (above < target) tokens[r] = j;
+        }
+        left += tokens[r] < 0;
+    }
+    return left;
+}

@@ -50,6 +50,7 @@ class Kernels:
     rows_linear: Callable[..., None]
     decode_blocks: Callable[..., None]
     decode_attention: Callable[..., None]
+    sample: Callable[..., int]
 
 
 @functools.cache
@@ -61,7 +62,7 @@ def load() -> Kernels | None:
     try:
         library = ctypes.CDLL(str(_build()))
         rows, layer = library.hnaas_rows_linear, library.hnaas_decode_blocks
-        attention = library.hnaas_decode_attention
+        attention, sample = library.hnaas_decode_attention, library.hnaas_sample
     except (OSError, subprocess.SubprocessError, AttributeError) as exc:
         log.warning("row kernel unavailable, so decode steps run on torch ops (requests alone at about half "
                     "speed): %s", exc)
@@ -72,7 +73,9 @@ def load() -> Kernels | None:
     layer.argtypes = ([pointer, pointer, size, pointer, pointer] + [size] + [pointer] + [size] * 5 +
                       [pointer, number, pointer, ctypes.c_int])
     attention.argtypes = [pointer] * 4 + [size] * 4 + [number] + [pointer] * 2 + [ctypes.c_int]
-    return Kernels(rows, layer, attention)
+    sample.restype = size
+    sample.argtypes = [pointer, size, size] + [pointer] * 4 + [size, pointer, pointer]
+    return Kernels(rows, layer, attention, sample)
 
 
 def linear(kernels: Kernels, weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -90,6 +93,25 @@ def linear(kernels: Kernels, weight: torch.Tensor, x: torch.Tensor, bias: torch.
     kernels.rows_linear(weight.data_ptr(), x.data_ptr(), _address(bias), _address(add), y.data_ptr(), n, outputs,
                         inputs, 1 if gelu else 0, torch.get_num_threads())
     return y
+
+
+def sample(kernels: Kernels, logits: torch.Tensor, uniforms: torch.Tensor, temperature: torch.Tensor,
+           top_k: torch.Tensor, top_p: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """`engine.sample_tokens` for a few rows of fp32 logits [n, V] on the CPU, with uniforms [n, R]: the tokens, and
+    how many rows it left at -1 for the caller (greedy, top-k, and the rare row whose R - 1 draws were all outside
+    its nucleus)."""
+    n, vocab = logits.shape
+    if logits.dtype != torch.float32 or uniforms.dim() != 2 or uniforms.shape[0] != n:
+        raise ValueError("the sampling kernel needs fp32 logits [n, V] and uniforms [n, R]")
+    logits = logits.contiguous()
+    uniforms = uniforms.to(torch.float64).contiguous()
+    temperature, top_p = _floats(temperature.reshape(n)), _floats(top_p.reshape(n))
+    top_k = top_k.reshape(n).to(torch.long).contiguous()
+    tokens = torch.empty(n, dtype=torch.long)
+    scratch = torch.empty(3 * vocab, dtype=torch.float32)
+    left = kernels.sample(logits.data_ptr(), n, vocab, temperature.data_ptr(), top_k.data_ptr(), top_p.data_ptr(),
+                          uniforms.data_ptr(), uniforms.shape[1], scratch.data_ptr(), tokens.data_ptr())
+    return tokens, left
 
 
 class DecodeBlocks:

@@ -233,7 +233,51 @@ async def test_the_engine_says_whether_it_uses_the_kernel_and_writes_the_same_th
             assert engine.info["row_kernel"] is (available and HAVE_COMPILER and engine._model.layers[0][2].packed
                                                  is not None)
             assert engine.info["attention_kernel"] is (available and HAVE_COMPILER)
+            assert engine.info["sampling_kernel"] is (available and HAVE_COMPILER)
             [results[available]] = await engine.generate([request])
         finally:
             await engine.close()
     assert results[True].new_tokens > 0 and results[True].token_ids == results[False].token_ids
+
+
+@needs_compiler
+@pytest.mark.parametrize("vocab", [1, 7, 300, 8192])
+def test_the_sampling_kernel_draws_what_torch_draws(vocab):
+    """Same logits, uniforms and settings: the same tokens as engine.sample_tokens, row by row (a token may differ
+    only where a uniform falls within a rounding error of a boundary: at most 1 row in 200 is allowed); greedy and
+    top-k rows, and rows whose draws all fell outside the nucleus, are left to torch, which sample_tokens then uses."""
+    from model.engine import DRAWS, sample_tokens
+
+    kernel = rowkernel.load()
+    generator = torch.Generator().manual_seed(vocab)
+    compared = differ = 0
+    for trial in range(100):
+        rows = 1 + trial % 4
+        logits = torch.randn(rows, vocab, generator=generator) * (0.3 + 4 * trial / 100)
+        if trial % 3 == 0 and vocab > 2:
+            logits[:, : vocab // 2] = float("-inf")  # masked tokens, as the format's rules and ignore_eos make
+        uniforms = torch.rand(rows, DRAWS, generator=generator, dtype=torch.float64)
+        temperature = torch.tensor([0.7, 1.0, 1.3, 0.0])[:rows]  # the fourth row is greedy
+        top_k = torch.tensor([0, 0, 0, 0]) if trial % 2 else torch.tensor([0, 5, 0, 0])
+        top_p = torch.tensor([0.9, 1.0, 0.5, 0.95])[:rows]
+        top_k = top_k[:rows]
+        expected = sample_tokens(logits, uniforms, temperature, top_k, top_p)
+        got, left = rowkernel.sample(kernel, logits, uniforms, temperature, top_k, top_p)
+        assert left == int((got < 0).sum())
+        handed_over = (temperature <= 0) | (top_k > 0)
+        assert (got[handed_over] == -1).all()
+        drawn = got >= 0
+        compared += int(drawn.sum())
+        differ += int((got[drawn] != expected[drawn]).sum())
+        assert ((got[drawn] >= 0) & (got[drawn] < vocab)).all()
+        assert torch.isfinite(logits[drawn.nonzero().flatten(), got[drawn]]).all()  # never a masked token
+        together = sample_tokens(logits, uniforms, temperature, top_k, top_p, kernels=kernel)
+        assert (together[~drawn] == expected[~drawn]).all() and (together[drawn] == got[drawn]).all()
+    assert compared >= 150
+    assert differ <= compared // 200
+    if vocab > 2:  # a uniform of exactly 0 draws the first token that has any probability, never a masked one
+        logits = torch.zeros(1, vocab)
+        logits[0, :2] = float("-inf")
+        token, left = rowkernel.sample(kernel, logits, torch.zeros(1, DRAWS, dtype=torch.float64), torch.ones(1),
+                                       torch.zeros(1, dtype=torch.long), torch.ones(1))
+        assert (left, token.tolist()) == (0, [2])
