@@ -990,14 +990,16 @@ class Engine:
     def _guide(self, rows: list[_Row], logits: torch.Tensor, pairs: list[tuple[int, int]]) -> None:
         """Classifier-free guidance: for each (guided row, its shadow) pair, the guided row's logits become
         log p(cond) + (scale - 1) * (log p(cond) - log p(uncond)), with the shadow's logits as the unconditional
-        ones."""
+        ones.
+
+        Computed as uncond + scale * (cond - uncond) on the raw logits: log_softmax only subtracts a constant per
+        row, and the result differs from the formula's by such a constant, which sampling (temperature, top-k,
+        top-p, greedy) ignores. Half the time of the two log_softmax at the default model's 8k vocabulary."""
         cond = torch.tensor([i for i, _ in pairs], device=logits.device)
         uncond = torch.tensor([j for _, j in pairs], device=logits.device)
         scale = torch.tensor([rows[i].sampling.guidance_scale for i, _ in pairs], device=logits.device,
                              dtype=torch.float32).unsqueeze(1)
-        c = torch.log_softmax(logits[cond].float(), dim=-1)
-        u = torch.log_softmax(logits[uncond].float(), dim=-1)
-        logits[cond] = (u + scale * (c - u)).to(logits.dtype)
+        logits[cond] = torch.lerp(logits[uncond].float(), logits[cond].float(), scale).to(logits.dtype)
 
     def _constrain(self, rows: list[_Row], logits: torch.Tensor) -> None:
         """Set to -inf the logits of what the format does not allow next (`NextTags`), row by row."""
