@@ -44,6 +44,7 @@ from typing import Any
 DEFAULT_BATCHES = (1, 4, 16, 32)
 CONTINUOUS_REQUESTS = 16
 BUSY_OTHERS = 15
+BUSY_TOKENS = 480  # what the requests the first comment joins ask for: longer than any probe's wait
 TITLES = ("Show HN: I built a search engine for my own notes in a weekend",
           "Ask HN: What is the best way to learn about databases in depth?",
           "The hidden cost of microservices", "Why SQLite is so great for embedded use")
@@ -318,7 +319,9 @@ async def _engine_phase(path: Path, prompts: list[list[int]], real_text: bool, s
     from model.format import CLOSE, OPEN, prompt
 
     batches, new_tokens = s["batches"], s["new_tokens"]
-    biggest = max(max(batches), CONTINUOUS_REQUESTS, BUSY_OTHERS + 1)
+    # The first-comment probe on a checkpoint is guided like the bot's requests: a row and its unconditional shadow,
+    # so it needs two slots beside the busy ones, or it would wait for one of them to finish instead of joining.
+    biggest = max(max(batches), CONTINUOUS_REQUESTS, BUSY_OTHERS + 2)
     engine = Engine(path, device=s["device"], dtype=s["dtype"], threads=s["threads"], max_batch=biggest,
                     token_budget=1 << 30)  # slots are the only bound here
     await engine.start()
@@ -391,6 +394,8 @@ async def _engine_phase(path: Path, prompts: list[list[int]], real_text: bool, s
             closed: list[float] = []
 
             def on_text(text: str) -> None:
+                if not rows_at_first_text:
+                    rows_at_first_text.append(len(engine._rows))
                 if not closed and (CLOSE in text or OPEN in text):
                     closed.append(time.perf_counter() - start)
 
@@ -401,7 +406,9 @@ async def _engine_phase(path: Path, prompts: list[list[int]], real_text: bool, s
                                 on_text=on_text)
             return closed[0] if closed else None
 
+        rows_at_first_text: list[int] = []
         out["first_comment_s"] = _round(await first_comment())
+        rows_at_first_text.clear()
         running: set[int] = set()
         all_running = asyncio.Event()
 
@@ -412,9 +419,15 @@ async def _engine_phase(path: Path, prompts: list[list[int]], real_text: bool, s
                     all_running.set()
             return on_text
 
-        others = [engine.submit(r, on_text=started(i)) for i, r in enumerate(requests(BUSY_OTHERS))]
+        # The others outlast the probe whatever --new-tokens says (they are cancelled once it has its comment).
+        busy = [GenerationRequest(texts[i % len(texts)], 1000 + i, sampling(BUSY_TOKENS, ignore_eos=True,
+                                                                            constrain_tags=False))
+                for i in range(BUSY_OTHERS)]
+        others = [engine.submit(r, on_text=started(i)) for i, r in enumerate(busy)]
         await all_running.wait()  # they stream their first text after 16 tokens: all are in the batch
         out["first_comment_busy_s"] = _round(await first_comment())
+        if rows_at_first_text:  # a checkpoint's probe streams text: the batch it joined, itself included
+            out["first_comment_busy_rows"] = rows_at_first_text[0]
         for f in others:
             f.cancel()
         out["first_comment_basis"] = (
@@ -500,6 +513,7 @@ def run_bench(shape: str = "gpt2", model: str | Path | None = None, *, batches: 
 
     Keys: engine_tok_per_s, generate_tok_per_s, speedup_vs_generate, engine_fraction_of_limit, threads_per_minute
     (objects keyed by batch size as a string), limits, continuous, first_token_s, first_comment_s, first_comment_busy_s,
+    first_comment_busy_rows (a checkpoint: the rows of the batch the probe joined, its own two included),
     first_comment_basis, peak_memory_mb, model, settings, machine.
     """
     import torch

@@ -76,6 +76,15 @@ def test_table_and_json(result, capsys, monkeypatch):
     assert out["engine_tok_per_s"]["1"] > 0 and out["generate_tok_per_s"] == {} and "continuous" not in out
 
 
+def test_the_first_comment_joins_the_busy_batch_instead_of_waiting_for_a_slot(tiny_model):
+    # A checkpoint's probe is guided like the bot's requests (a row and its shadow). With batch sizes of 16 or
+    # less the engine once had 16 slots, so the probe waited for one of the 15 others to finish.
+    r = bench.run_bench(model=tiny_model, batches=(1,), prompt_len=8, new_tokens=6, repeats=1, threads=1,
+                        generate=False, continuous=False, limits=False)
+    assert r["first_comment_busy_rows"] == bench.BUSY_OTHERS + 2
+    assert "closing/opening comment tag" in r["first_comment_basis"]
+
+
 def test_gpt2_shapes_get_the_full_vocabulary():
     tokenizer = bench.synthetic_tokenizer(50_259)
     assert len(tokenizer) == 50_259 and tokenizer.eos_token_id == 50_256
