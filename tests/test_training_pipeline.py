@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
+
+import pytest
 
 from bot.cli import main
 from model.engine import Engine, GenerationRequest, SamplingSettings
@@ -29,6 +32,7 @@ def write_threads(path, n=60, seed=0):
             f.write(json.dumps({"title": f"Story {i}: {sentence(rng)}", "url": None, "comments": comments}) + "\n")
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # inside inductor
 async def test_pipeline_from_thread_json_to_a_generating_checkpoint(tmp_path, capsys):
     threads, db, data, runs = tmp_path / "t.jsonl", tmp_path / "items.db", tmp_path / "data", tmp_path / "runs"
     write_threads(threads)
@@ -50,12 +54,22 @@ async def test_pipeline_from_thread_json_to_a_generating_checkpoint(tmp_path, ca
     assert config["n_layer"] == 1 and run.name.startswith("data-1L32d-ctx32")
     capsys.readouterr()
 
+    compiled = tmp_path / "compiled" / run.name
+    shutil.copytree(run, compiled)
     assert main(["train", "--resume", str(run), "--max-steps", "6"]) == 0
     out = capsys.readouterr().out
     assert "resumed" in out and "at step 4" in out
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [2, 4, 6]
     assert all(m["val_loss"] < 7 for m in metrics)  # ln(320) ≈ 5.8: learning, not diverging
+
+    # The same two steps with the training step compiled: the same windows, so the same losses up to rounding.
+    assert main(["train", "--resume", str(compiled), "--max-steps", "6", "--compile"]) == 0
+    assert "compiled" in capsys.readouterr().out
+    again = json.loads((compiled / "metrics.jsonl").read_text().splitlines()[-1])
+    assert again["step"] == 6 and json.loads((compiled / "config.json").read_text())["compile"] is True
+    assert again["train_loss"] == pytest.approx(metrics[-1]["train_loss"], rel=1e-4)
+    assert again["val_loss"] == pytest.approx(metrics[-1]["val_loss"], rel=1e-4)
 
     # Grow the run one layer deeper and go on training it: the grown checkpoint is what the engine loads.
     assert main(["train", "--data", str(data), "--out-dir", str(runs), "--init", str(run / "best"),

@@ -60,6 +60,10 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads; 0 = torch's default
     device: str = ""  # "" = cuda when available
     precision: str = "auto"  # "bf16" autocast, "fp32", or "auto": bf16 on CUDA and on CPUs with native bf16 (AMX)
+    # torch.compile the training step's forward and loss: fewer, fused kernels. On the 2-core Zen 3 (12 layers x 256,
+    # 8 x 1024 tokens, fp32) a step takes 7.3 s instead of 8.4 after ~30 s of compiling; off by default because short
+    # runs (and the tests) would spend longer compiling than they gain.
+    compile: bool = False
 
 
 def run_name(config: TrainConfig) -> str:
@@ -160,7 +164,8 @@ class Batches:
         return window[:, :-1], window[:, 1:]
 
 
-RESUME_OVERRIDABLE = ("max_steps", "max_minutes", "threads", "device", "precision", "eval_every", "checkpoint_every")
+RESUME_OVERRIDABLE = ("max_steps", "max_minutes", "threads", "device", "precision", "compile", "eval_every",
+                      "checkpoint_every")
 
 
 def use_bf16(c: TrainConfig, device) -> bool:
@@ -230,7 +235,9 @@ def train(c: TrainConfig | None = None, *, resume: str | None = None, overrides:
         log(f"resumed {run_dir} at step {step} (best val {best_val:.4f})")
     bf16 = use_bf16(c, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else _nullcontext()
-    log(f"training on {device}{' with bf16 autocast' if bf16 else ' in fp32'}")
+    # Evaluation stays eager: compiling its no-grad graph too would cost a second compile for ~5 % of the time.
+    step_loss = torch.compile(_loss) if c.compile else _loss
+    log(f"training on {device}{' with bf16 autocast' if bf16 else ' in fp32'}{', compiled' if c.compile else ''}")
     mlflow = _mlflow(run_dir, c)
 
     def evaluate() -> float:
@@ -267,7 +274,7 @@ def train(c: TrainConfig | None = None, *, resume: str | None = None, overrides:
         for _ in range(c.grad_accum):
             x, y = train_batches.next(device)
             with autocast:
-                loss = _loss(model, x, y) / c.grad_accum
+                loss = step_loss(model, x, y) / c.grad_accum
             loss.backward()
             total += loss.item()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
@@ -375,7 +382,10 @@ def _mlflow(run_dir: Path, c: TrainConfig):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        parser.add_argument(flag, type=type(f.default), default=f.default, help=f"(default: {f.default!r})")
+        if isinstance(f.default, bool):  # type=bool would read "--compile False" as True
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            parser.add_argument(flag, type=type(f.default), default=f.default, help=f"(default: {f.default!r})")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its ckpt.pt")
 
 
