@@ -44,7 +44,7 @@ from typing import Any
 DEFAULT_BATCHES = (1, 4, 16, 32)
 CONTINUOUS_REQUESTS = 16
 BUSY_OTHERS = 15
-BUSY_TOKENS = 480  # what the requests the first comment joins ask for: longer than any probe's wait
+BUSY_TOKENS = 480  # what the requests the first comment joins ask for (at least): longer than the probe's wait
 TITLES = ("Show HN: I built a search engine for my own notes in a weekend",
           "Ask HN: What is the best way to learn about databases in depth?",
           "The hidden cost of microservices", "Why SQLite is so great for embedded use")
@@ -420,10 +420,8 @@ async def _engine_phase(path: Path, prompts: list[list[int]], real_text: bool, s
             return on_text
 
         # The others outlast the probe whatever --new-tokens says (they are cancelled once it has its comment).
-        busy = [GenerationRequest(texts[i % len(texts)], 1000 + i, sampling(BUSY_TOKENS, ignore_eos=True,
-                                                                            constrain_tags=False))
-                for i in range(BUSY_OTHERS)]
-        others = [engine.submit(r, on_text=started(i)) for i, r in enumerate(busy)]
+        busy_tokens = max(BUSY_TOKENS, 2 * s["comment_tokens"])
+        others = [engine.submit(r, on_text=started(i)) for i, r in enumerate(requests(BUSY_OTHERS, busy_tokens))]
         await all_running.wait()  # they stream their first text after 16 tokens: all are in the batch
         out["first_comment_busy_s"] = _round(await first_comment())
         if rows_at_first_text:  # a checkpoint's probe streams text: the batch it joined, itself included
