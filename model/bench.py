@@ -385,17 +385,20 @@ async def _engine_phase(path: Path, prompts: list[list[int]], real_text: bool, s
         await engine.generate([GenerationRequest(probe_prompt, 7, sampling(1))])
         out["first_token_s"] = round(time.perf_counter() - start, 3)
 
-        async def first_comment() -> float | None:
+        async def first_comment() -> tuple[float | None, int | None]:
+            """Seconds to the first comment, and (a checkpoint's probe streams text) the rows of the batch it
+            joined, its own included."""
             start = time.perf_counter()
             if not real_text:
                 await engine.generate([GenerationRequest(probe_prompt, 7, sampling(s["comment_tokens"],
                                                                                    ignore_eos=True))])
-                return time.perf_counter() - start
+                return time.perf_counter() - start, None
             closed: list[float] = []
+            rows: list[int] = []
 
             def on_text(text: str) -> None:
-                if not rows_at_first_text:
-                    rows_at_first_text.append(len(engine._rows))
+                if not rows:
+                    rows.append(len(engine._rows))
                 if not closed and (CLOSE in text or OPEN in text):
                     closed.append(time.perf_counter() - start)
 
@@ -404,11 +407,9 @@ async def _engine_phase(path: Path, prompts: list[list[int]], real_text: bool, s
 
             await engine.submit(GenerationRequest(probe_prompt, 7, Settings().sampling(max_new_tokens=400)),
                                 on_text=on_text)
-            return closed[0] if closed else None
+            return (closed[0] if closed else None), (rows[0] if rows else None)
 
-        rows_at_first_text: list[int] = []
-        out["first_comment_s"] = _round(await first_comment())
-        rows_at_first_text.clear()
+        out["first_comment_s"] = _round((await first_comment())[0])
         running: set[int] = set()
         all_running = asyncio.Event()
 
@@ -423,9 +424,10 @@ async def _engine_phase(path: Path, prompts: list[list[int]], real_text: bool, s
         busy_tokens = max(BUSY_TOKENS, 2 * s["comment_tokens"])
         others = [engine.submit(r, on_text=started(i)) for i, r in enumerate(requests(BUSY_OTHERS, busy_tokens))]
         await all_running.wait()  # they stream their first text after 16 tokens: all are in the batch
-        out["first_comment_busy_s"] = _round(await first_comment())
-        if rows_at_first_text:  # a checkpoint's probe streams text: the batch it joined, itself included
-            out["first_comment_busy_rows"] = rows_at_first_text[0]
+        busy_s, busy_rows = await first_comment()
+        out["first_comment_busy_s"] = _round(busy_s)
+        if busy_rows is not None:
+            out["first_comment_busy_rows"] = busy_rows
         for f in others:
             f.cancel()
         out["first_comment_basis"] = (
