@@ -7,12 +7,13 @@
 
 What it measures (all in this process, one phase after the other):
   - limits: memory read bandwidth (best of a large sum and a large matrix-vector product) and matmul
-    throughput in the model's dtype (best over model-like shapes), probed in a process of their own just before and
-    just after each batch size's runs (a shared host's bandwidth moves from minute to minute); from them and the
-    model's shape, a roofline per batch size: a decode step cannot beat max(bytes read / bandwidth, flops / matmul
-    throughput), where bytes are the weights plus the batch's KV cache and flops are 2 per weight per row plus
-    attention. Each batch size is compared with its own two probes; `limits` holds the median of all probes,
-    every probe's figures, and the ones each batch size used (`by_batch`);
+    throughput in the model's dtype (best over model-like shapes), probed in a process of their own before the
+    first run and after every run (a shared host's bandwidth moves from minute to minute, and by 10-20 % from one
+    second to the next); from them and the model's shape, a roofline: a decode step cannot beat max(bytes read /
+    bandwidth, flops / matmul throughput), where bytes are the weights plus the batch's KV cache and flops are 2 per
+    weight per row plus attention. Each run is compared with the two probes either side of it (`engine_runs`), and
+    a batch size's fraction of the limit is the median of its runs'; `limits` holds the median of all probes, every
+    probe's figures, and the median of each batch size's own probes (`by_batch`);
   - tokens/s of the engine and of transformers `generate` per batch size: B requests of `prompt_len` tokens, each
     forced to write exactly `new_tokens` (engine: ignore_eos; generate: min_new_tokens), with the same sampling
     (do_sample, temperature, top_k, top_p); wall time from submit to the last result, prefill included; median of
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import platform
@@ -44,6 +46,7 @@ from typing import Any
 DEFAULT_BATCHES = (1, 4, 16, 32)
 CONTINUOUS_REQUESTS = 16
 BUSY_OTHERS = 15
+LIMIT_KEYS = ("memory_bandwidth_gb_s", "matmul_gflop_s")  # what a roofline needs from a probe
 BUSY_TOKENS = 480  # what the requests the first comment joins ask for (at least): longer than the probe's wait
 TITLES = ("Show HN: I built a search engine for my own notes in a weekend",
           "Ask HN: What is the best way to learn about databases in depth?",
@@ -208,9 +211,9 @@ class LimitProbe:
 
     On a shared host the memory bandwidth moves by up to 2x from one minute to the next (26.8-52.7 GB/s within one
     session on the AMD machine), so one measurement, taken minutes away from a batch size's runs, made the engine's
-    fraction of the limit a lottery. The benchmark probes just before and just after each batch size and compares
-    that batch with those probes. In its own process so that its 1 GiB buffer does not count in the engine's peak
-    memory, and is made once. Its threads sleep between probes.
+    fraction of the limit a lottery. The benchmark probes before the first run and after each run, and compares
+    each run with the probes either side of it. In its own process so that its 1 GiB buffer does not count in the
+    engine's peak memory, and is made once. Its threads sleep between probes.
     """
 
     def __init__(self, device: str, dtype: str, threads: int, *, bandwidth_bytes: int = 1 << 30,
@@ -343,21 +346,24 @@ async def _engine_phase(path: Path, prompts: list[list[int]], real_text: bool, s
 
     try:
         await engine.generate(requests(2, 4))  # warm up
-        out["tok_per_s"], out["batch_limits"] = {}, {}
+        out["tok_per_s"], out["batch_limits"], out["runs"] = {}, {}, {}
         before = probe.measure() if probe else None
         for b in batches:
-            times = []
+            times, around = [], [before]
             for _ in range(s["repeats"]):
                 start = time.perf_counter()
                 results = await engine.generate(requests(b))
                 times.append(time.perf_counter() - start)
                 assert all(r.new_tokens == new_tokens for r in results), "a row stopped early"
+                if probe:  # after each run, so that each run has a probe on either side of it
+                    around.append(probe.measure())
             out["tok_per_s"][str(b)] = round(b * new_tokens / statistics.median(times), 1)
             say(f"engine batch {b}: {out['tok_per_s'][str(b)]} tok/s")
             if probe:
-                after = probe.measure()
-                out["batch_limits"][str(b)] = combine_limits([before, after])
-                before = after
+                out["batch_limits"][str(b)] = combine_limits(around)
+                out["runs"][str(b)] = [(b * new_tokens / t, combine_limits(pair))
+                                       for t, pair in zip(times, itertools.pairwise(around), strict=True)]
+                before = around[-1]
         out["kv_cache_mb"] = round(engine._model.cache_bytes() / 2**20, 1)
 
         if s["continuous"]:
@@ -512,8 +518,9 @@ def run_bench(shape: str = "gpt2", model: str | Path | None = None, *, batches: 
     """Run the benchmark (see the module docstring) and return its results as a JSON-ready dict.
 
     Keys: engine_tok_per_s, generate_tok_per_s, speedup_vs_generate, engine_fraction_of_limit, threads_per_minute
-    (objects keyed by batch size as a string), limits, continuous, first_token_s, first_comment_s, first_comment_busy_s,
-    first_comment_busy_rows (a checkpoint: the rows of the batch the probe joined, its own two included),
+    (objects keyed by batch size as a string), engine_runs (per batch size, each run's tok/s, the limits probed
+    either side of it and its fraction of the roofline at those), limits, continuous, first_token_s, first_comment_s,
+    first_comment_busy_s, first_comment_busy_rows (a checkpoint: the rows of the batch the probe joined, its own two included),
     first_comment_basis, peak_memory_mb, model, settings, machine.
     """
     import torch
@@ -572,10 +579,10 @@ def run_bench(shape: str = "gpt2", model: str | Path | None = None, *, batches: 
                                           for b, g in out["generate_tok_per_s"].items()}
         else:
             out["generate_tok_per_s"] = out["speedup_vs_generate"] = {}
-        probes, by_batch = engine.pop("limit_probes", None), engine.pop("batch_limits")
+        probes, by_batch, runs = engine.pop("limit_probes", None), engine.pop("batch_limits"), engine.pop("runs")
         if probes:
-            # Each batch size against the limits probed just before and after its runs; the headline figures are
-            # the median of all probes.
+            # limits.tok_per_s: each batch size at the median of its own probes; the headline figures are the
+            # median of all probes.
             element = torch.empty(0, dtype=getattr(torch, info["dtype"])).element_size()
             kv_element = 4 if info["dtype"] == "int8" else element  # int8 matrices, fp32 activations and cache
 
@@ -585,10 +592,15 @@ def run_bench(shape: str = "gpt2", model: str | Path | None = None, *, batches: 
 
             out["limits"] = {**combine_limits(probes), **ceiling(combine_limits(probes), batches)}
             out["limits"]["tok_per_s"] = {b: ceiling(lim, [int(b)])["tok_per_s"][b] for b, lim in by_batch.items()}
-            out["limits"]["by_batch"] = {b: {k: lim[k] for k in ("memory_bandwidth_gb_s", "matmul_gflop_s")}
-                                         for b, lim in by_batch.items()}
-            out["engine_fraction_of_limit"] = {b: round(t / out["limits"]["tok_per_s"][b], 3)
-                                               for b, t in out["engine_tok_per_s"].items()}
+            out["limits"]["by_batch"] = {b: {k: lim[k] for k in LIMIT_KEYS} for b, lim in by_batch.items()}
+            # Each run against the two probes on either side of it: seconds apart, not a batch size's minute, so a
+            # host whose bandwidth moves does not decide the fraction. A batch size's fraction is its runs' median.
+            out["engine_runs"] = {b: [{"tok_per_s": round(t, 1), **{k: lim[k] for k in LIMIT_KEYS},
+                                       "fraction_of_limit": round(t / ceiling(lim, [int(b)])["tok_per_s"][b], 3)}
+                                      for t, lim in each] for b, each in runs.items()}
+            out["engine_fraction_of_limit"] = {
+                b: round(statistics.median(run["fraction_of_limit"] for run in each), 3)
+                for b, each in out["engine_runs"].items()}
         else:
             out["limits"], out["engine_fraction_of_limit"] = {}, {}
         out.update(engine)  # continuous, first_*, kv_cache_mb
@@ -648,10 +660,12 @@ def format_table(r: dict[str, Any]) -> str:
     ]
     if lim:
         reads, products = lim.get("memory_bandwidth_probes_gb_s", []), lim.get("matmul_probes_gflop_s", [])
-        lines.append(f"limits (median of {lim.get('probes', 1)} probes, one before and after each batch size): memory "
-                     f"read {lim['memory_bandwidth_gb_s']} GB/s{_spread(reads)}, {lim.get('matmul_dtype', '')} matmul "
-                     f"{lim['matmul_gflop_s']} GFLOP/s{_spread(products)}; {lim['weight_bytes'] / 1e6:.0f} MB of "
-                     f"weights per step; each batch's limit is from its own probes")
+        lines.append(f"limits (median of {lim.get('probes', 1)} probes, one before the first run and one after each "
+                     f"run): memory read {lim['memory_bandwidth_gb_s']} GB/s{_spread(reads)}, "
+                     f"{lim.get('matmul_dtype', '')} matmul {lim['matmul_gflop_s']} GFLOP/s{_spread(products)}; "
+                     f"{lim['weight_bytes'] / 1e6:.0f} MB of weights per step; limit tok/s: at the median of each "
+                     f"batch size's probes; engine/limit: the median of its runs, each against the probes either "
+                     f"side of it (range in brackets)")
     lines.append(f"load average at start: {r['machine']['load_average_at_start']}")
     lines.append("")
     lines.append(f"{'batch':>5} | {'engine tok/s':>12} | {'generate tok/s':>14} | {'engine/generate':>15} | "
@@ -662,8 +676,10 @@ def format_table(r: dict[str, Any]) -> str:
         x = r["speedup_vs_generate"].get(b)
         li = lim.get("tok_per_s", {}).get(b) if lim else None
         f = r["engine_fraction_of_limit"].get(b)
+        each = [round(100 * run["fraction_of_limit"]) for run in r.get("engine_runs", {}).get(b, [])]
+        fraction = None if f is None else f"{round(100 * f)} %{_spread(each) if len(set(each)) > 1 else ''}"
         lines.append(f"{b:>5} | {e:>12} | {_cell(g):>14} | {_cell(x, 'x'):>15} | {_cell(li):>11} | "
-                     f"{_cell(None if f is None else round(100 * f), ' %'):>12} | "
+                     f"{_cell(fraction):>12} | "
                      f"{_cell(r['threads_per_minute'].get(b)):>11}")
     lines.append("")
     c = r.get("continuous")

@@ -124,6 +124,36 @@ def test_each_batch_size_is_held_to_the_limits_probed_around_it(monkeypatch):
     assert "memory read 30.0 GB/s (10.0-50.0)" in bench.format_table(r)
 
 
+def test_each_run_is_held_to_the_limits_probed_either_side_of_it(monkeypatch):
+    # A shared host's bandwidth moves within seconds: a probe after every run, not only after each batch size, and
+    # each run compared with its own neighbours. Probes 10, 30, 50, 20, 40 GB/s around runs 1a, 1b, 2a, 2b.
+    class Probe(ScriptedProbe):
+        readings = [(10.0, 100.0), (30.0, 300.0), (50.0, 200.0), (20.0, 100.0), (40.0, 400.0)]
+
+    monkeypatch.setattr(bench, "LimitProbe", Probe)
+    r = bench.run_bench("tiny", batches=(1, 2), prompt_len=8, new_tokens=6, repeats=2, threads=1, generate=False,
+                        continuous=False)
+    from model.tiny import gpt2_config
+
+    config = gpt2_config("tiny")
+    assert r["limits"]["probes"] == 5
+    # a batch size's limit tok/s: the median of its own probes (before its first run and after each of its runs)
+    assert r["limits"]["by_batch"] == {"1": {"memory_bandwidth_gb_s": 30.0, "matmul_gflop_s": 200.0},
+                                       "2": {"memory_bandwidth_gb_s": 40.0, "matmul_gflop_s": 200.0}}
+    neighbours = {"1": [(20.0, 200.0), (40.0, 250.0)], "2": [(35.0, 150.0), (30.0, 250.0)]}
+    for b, runs in r["engine_runs"].items():
+        assert [(run["memory_bandwidth_gb_s"], run["matmul_gflop_s"]) for run in runs] == neighbours[b]
+        fractions = []
+        for run, (gbs, gflops) in zip(runs, neighbours[b], strict=True):
+            ceiling = bench.roofline(config, 600, 4, [int(b)], 8, 6, gbs, gflops)["tok_per_s"][b]
+            assert run["fraction_of_limit"] == pytest.approx(run["tok_per_s"] / ceiling, abs=2e-3)
+            fractions.append(run["fraction_of_limit"])
+        assert r["engine_fraction_of_limit"][b] == round(sum(fractions) / 2, 3)  # the median of two
+        assert min(run["tok_per_s"] for run in runs) <= r["engine_tok_per_s"][b] <= max(
+            run["tok_per_s"] for run in runs)
+    assert "30.0 GB/s (10.0-50.0)" in bench.format_table(r)
+
+
 def test_the_limit_probe_measures_again_in_its_own_process():
     probe = bench.LimitProbe("cpu", "float32", 1, bandwidth_bytes=PROBE_BYTES)
     try:
