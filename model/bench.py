@@ -677,7 +677,7 @@ def format_table(r: dict[str, Any]) -> str:
         li = lim.get("tok_per_s", {}).get(b) if lim else None
         f = r["engine_fraction_of_limit"].get(b)
         each = [round(100 * run["fraction_of_limit"]) for run in r.get("engine_runs", {}).get(b, [])]
-        fraction = None if f is None else f"{round(100 * f)} %{_spread(each) if len(set(each)) > 1 else ''}"
+        fraction = None if f is None else f"{round(100 * f)} %{_spread(each)}"
         lines.append(f"{b:>5} | {e:>12} | {_cell(g):>14} | {_cell(x, 'x'):>15} | {_cell(li):>11} | "
                      f"{_cell(fraction):>12} | "
                      f"{_cell(r['threads_per_minute'].get(b)):>11}")
@@ -703,7 +703,8 @@ def _compiled(model: dict[str, Any]) -> str:
 
 
 def _spread(xs: Sequence[float]) -> str:
-    return f" ({min(xs)}-{max(xs)})" if len(xs) > 1 else ""
+    """The range as " (lowest-highest)"; nothing where the values do not differ (one value, or all equal)."""
+    return f" ({min(xs)}-{max(xs)})" if len(set(xs)) > 1 else ""
 
 
 def _cell(x: Any, suffix: str = "") -> str:
